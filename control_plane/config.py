@@ -1,0 +1,23 @@
+"""Control-plane settings (``MNEMOS_CP_*``), read once by the CLI and passed in."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["ControlPlaneSettings"]
+
+
+class ControlPlaneSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MNEMOS_CP_", extra="ignore", frozen=True)
+
+    #: Largest accepted request body; bigger ones get ``payload_too_large``.
+    max_request_bytes: int = Field(default=512 * 1024, gt=0)
+    #: How many requests one process handles at once (beyond it, NATS buffers them).
+    max_in_flight: int = Field(default=2048, gt=0)
+    #: Seconds to finish in-flight requests at shutdown.
+    shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    #: How long finished job records are kept in KV.
+    job_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
+    results_retention_s: float = Field(default=24 * 3600, gt=0)
+    idempotency_window_s: float = Field(default=24 * 3600, gt=0)

@@ -1,0 +1,451 @@
+"""The control plane: the ``mnemos-control-plane`` NATS micro service on ``mnemos.api.*``.
+
+Stateless apart from JetStream: any number of processes may run; the endpoints share a
+queue group, and every job-state change is a compare-and-set on the KV revision.
+
+Submitting a job is two JetStream writes: the record (``queued``) into ``mnemos_jobs``
+and a :class:`~mnemos.messages.Dispatch` (record + revision) onto
+``mnemos.dispatch.<runtime>.<priority>.<model>``. ``jobs.run`` puts the requester's reply
+subject into the record; the worker that finishes the job answers it directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.micro import add_service
+from nats.micro.request import Request
+from nats.micro.service import Service
+
+from control_plane.config import ControlPlaneSettings
+from mnemos.catalog import ModelCatalog
+from mnemos.config import NatsSettings
+from mnemos.errors import (
+    Conflict,
+    Internal,
+    InvalidState,
+    MnemosError,
+    ModelNotFound,
+    NotCancellable,
+    PayloadTooLarge,
+    Unavailable,
+    UnknownModel,
+    UnknownRuntime,
+    ValidationFailed,
+)
+from mnemos.jobstore import JobStore, kv_values
+from mnemos.layout import Layout, LayoutOptions, ensure_layout
+from mnemos.messages import (
+    ACTIVE_STATUSES,
+    CancelJob,
+    Dispatch,
+    ErrorInfo,
+    ErrorReply,
+    GetJob,
+    GetModel,
+    JobList,
+    JobRecord,
+    JobSpec,
+    ListJobs,
+    ListModels,
+    ListWorkers,
+    ModelList,
+    ModelRecord,
+    ResultFinal,
+    RetryJob,
+    WorkerList,
+    WorkerRecord,
+    decode,
+    encode,
+    new_job_id,
+    utcnow,
+)
+from mnemos.names import HDR_MSG_ID, RUNTIMES, SERVICE_NAME, SERVICE_VERSION
+from mnemos.runtime_config import parse_runtime_config
+
+__all__ = ["ControlPlane", "ENDPOINTS"]
+
+log = logging.getLogger("mnemos.control_plane")
+
+#: Endpoint subject suffix -> micro endpoint name.
+ENDPOINTS: dict[str, str] = {
+    "jobs.submit": "jobs-submit",
+    "jobs.run": "jobs-run",
+    "jobs.get": "jobs-get",
+    "jobs.list": "jobs-list",
+    "jobs.cancel": "jobs-cancel",
+    "jobs.retry": "jobs-retry",
+    "workers.list": "workers-list",
+    "models.list": "models-list",
+    "models.get": "models-get",
+}
+
+#: Runtimes that load the same model directories (a Hugging Face causal LM).
+_TEXT_RUNTIMES = frozenset({"transformers", "vllm"})
+_RETRYABLE_BY_REQUEST = frozenset({"failed", "timeout", "cancelled"})
+
+
+class ControlPlane:
+    """One control-plane process. ``async with ControlPlane(nc, ...)`` serves until exit."""
+
+    def __init__(self, nc: NATS, nats_settings: NatsSettings, settings: ControlPlaneSettings) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.names = nats_settings.names
+        self.settings = settings
+        self._layout_options = LayoutOptions(
+            replicas=nats_settings.replicas,
+            job_retention_s=settings.job_retention_s,
+            results_retention_s=settings.results_retention_s,
+            idempotency_window_s=settings.idempotency_window_s,
+        )
+        self.layout: Layout | None = None
+        self.jobs: JobStore | None = None
+        self.catalog: ModelCatalog | None = None
+        self.service: Service | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(settings.max_in_flight)
+        self._started = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        self.layout = await ensure_layout(self.js, self.names, self._layout_options)
+        self.jobs = JobStore(self.layout.jobs)
+        self.catalog = ModelCatalog(self.layout.models)
+        await self.catalog.start()
+        self.service = await add_service(
+            self.nc,
+            name=SERVICE_NAME,
+            version=SERVICE_VERSION,
+            description="MNEMOS control plane: job API, dispatch and state over JetStream",
+            metadata={"namespace": self.names.prefix},
+            queue_group=self.names.api_queue_group,
+        )
+        handlers: dict[str, Callable[[Request], Awaitable[None]]] = {
+            "jobs.submit": self._submit,
+            "jobs.run": self._run,
+            "jobs.get": self._get,
+            "jobs.list": self._list,
+            "jobs.cancel": self._cancel,
+            "jobs.retry": self._retry,
+            "workers.list": self._workers_list,
+            "models.list": self._models_list,
+            "models.get": self._models_get,
+        }
+        for endpoint, name in ENDPOINTS.items():
+            await self.service.add_endpoint(
+                name=name,
+                subject=self.names.api_subject(endpoint),
+                handler=self._concurrent(handlers[endpoint]),
+                metadata={"endpoint": endpoint},
+            )
+        await self.nc.flush()
+        log.info("control plane serving %s.* (service id %s)", self.names.api_prefix, self.service.id)
+
+    async def stop(self) -> None:
+        """Stop taking requests, finish in-flight ones (bounded), then release the catalog."""
+        if not self._started:
+            return
+        self._started = False
+        if self.service is not None:
+            await self.service.stop()
+        if self._tasks:
+            done, pending = await asyncio.wait(set(self._tasks), timeout=self.settings.shutdown_timeout_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        if self.catalog is not None:
+            await self.catalog.stop()
+        log.info("control plane stopped")
+
+    async def __aenter__(self) -> "ControlPlane":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _concurrent(self, fn: Callable[[Request], Awaitable[None]]) -> Callable[[Request], Awaitable[None]]:
+        """Run each request in its own task (nats-py awaits handlers one by one otherwise)."""
+
+        async def handler(req: Request) -> None:
+            await self._slots.acquire()
+            task = asyncio.create_task(self._serve(fn, req))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        return handler
+
+    async def _serve(self, fn: Callable[[Request], Awaitable[None]], req: Request) -> None:
+        try:
+            if len(req.data) > self.settings.max_request_bytes:
+                raise PayloadTooLarge(
+                    f"request body is {len(req.data)} bytes; the limit is {self.settings.max_request_bytes}"
+                )
+            await fn(req)
+        except MnemosError as e:
+            await self._respond_error(req, e)
+        except Exception as e:
+            log.exception("unexpected error serving %s", req.subject)
+            await self._respond_error(req, Internal(f"{type(e).__name__}: {e}"))
+        finally:
+            self._slots.release()
+
+    async def _respond_error(self, req: Request, err: MnemosError) -> None:
+        if not _reply_subject(req):
+            log.warning("dropping error for a request without reply subject on %s: %r", req.subject, err)
+            return
+        body = encode(ErrorReply(error=err.info()))
+        await req.respond_error(str(err.status), err.message, data=body)
+
+    async def _respond(self, req: Request, msg: Any) -> None:
+        if _reply_subject(req):
+            await req.respond(encode(msg))
+
+    def _ready(self) -> tuple[JobStore, ModelCatalog, Layout]:
+        if self.jobs is None or self.catalog is None or self.layout is None:
+            raise Unavailable("control plane is not started")
+        return self.jobs, self.catalog, self.layout
+
+    # ------------------------------------------------------------------ submit / run
+
+    async def _submit(self, req: Request) -> None:
+        record = await self._accept(decode(req.data, JobSpec), reply_to=None)
+        await self._respond(req, record)
+
+    async def _run(self, req: Request) -> None:
+        reply_to = _reply_subject(req)
+        if not reply_to:
+            raise ValidationFailed("jobs.run needs a reply subject (use request, not publish)")
+        record = await self._accept(decode(req.data, JobSpec), reply_to=reply_to)
+        if record.terminal:  # idempotent re-run of a finished job: answer now
+            await self._respond(req, record)
+
+    async def _accept(self, spec: JobSpec, reply_to: str | None) -> JobRecord:
+        """Validate, store and dispatch a job; an existing job for a known idempotency key."""
+        jobs, catalog, layout = self._ready()
+        record = await self._new_record(spec, catalog, reply_to)
+        if spec.idempotency_key is not None:
+            existing = await self._claim_idempotency_key(spec.idempotency_key, record.job_id, layout, jobs)
+            if existing is not None:
+                return existing
+        revision = await jobs.create(record)
+        await self._dispatch(record, revision)
+        log.debug("job %s queued (%s p%d)", record.job_id, record.runtime, spec.priority)
+        return record
+
+    async def _new_record(self, spec: JobSpec, catalog: ModelCatalog, reply_to: str | None) -> JobRecord:
+        ref = spec.model
+        if ref.runtime is not None and ref.runtime not in RUNTIMES:
+            raise UnknownRuntime(f"unknown runtime {ref.runtime!r}; known: {', '.join(RUNTIMES)}")
+        try:
+            model = await catalog.get(ref.family, ref.version)
+        except ModelNotFound as e:
+            raise UnknownModel(f"model {ref.family}:{ref.version} is not registered") from e
+        runtime = ref.runtime or model.runtime
+        if runtime != model.runtime and not (runtime in _TEXT_RUNTIMES and model.runtime in _TEXT_RUNTIMES):
+            raise ValidationFailed(
+                f"model {model.name} is registered for runtime {model.runtime!r}, not {runtime!r}"
+            )
+        defaults = model.runtime_config if runtime == model.runtime else {}
+        parse_runtime_config(runtime, defaults, ref.runtime_config)
+        if runtime in _TEXT_RUNTIMES and spec.input.prompt is None:
+            raise ValidationFailed(f"input.prompt is required for runtime {runtime!r}")
+        now = utcnow()
+        return JobRecord(
+            job_id=new_job_id(),
+            status="queued",
+            spec=spec,
+            runtime=runtime,  # type: ignore[arg-type]
+            created_at=now,
+            updated_at=now,
+            reply_to=reply_to,
+        )
+
+    async def _claim_idempotency_key(
+        self, key: str, job_id: str, layout: Layout, jobs: JobStore
+    ) -> JobRecord | None:
+        """Map ``key`` to ``job_id``; if it already maps to a job, return that job."""
+        hkey = hashlib.sha256(key.encode()).hexdigest()
+        try:
+            await layout.idempotency.create(hkey, job_id.encode())
+            return None
+        except KeyWrongLastSequenceError:
+            pass
+        entry = await layout.idempotency.get(hkey)
+        existing_id = (entry.value or b"").decode()
+        # The winner may still be writing its record: give it a moment.
+        for _ in range(50):
+            try:
+                record, _ = await jobs.get(existing_id)
+                return record
+            except MnemosError:
+                await asyncio.sleep(0.02)
+        raise Conflict(f"idempotency key is held by job {existing_id}, which is not readable yet")
+
+    async def _dispatch(self, record: JobRecord, revision: int) -> None:
+        spec = record.spec
+        subject = self.names.dispatch_subject(record.runtime, spec.priority, spec.model.family, spec.model.version)
+        try:
+            await self.js.publish(
+                subject,
+                encode(Dispatch(record=record, revision=revision)),
+                headers={HDR_MSG_ID: f"{record.job_id}.{revision}"},
+            )
+        except Exception as e:
+            err = Unavailable(f"could not queue job {record.job_id}: {e!r}")
+            await self._finish(record.job_id, "failed", err.info())
+            raise err from e
+
+    async def _finish(self, job_id: str, status: str, error: ErrorInfo) -> JobRecord | None:
+        """Terminate a job that no worker holds (queued/retrying) and tell its listeners."""
+        jobs, _, _ = self._ready()
+
+        def change(rec: JobRecord) -> JobRecord | None:
+            if rec.terminal or rec.status in ACTIVE_STATUSES:
+                return None
+            rec.status = status  # type: ignore[assignment]
+            rec.error = error
+            return rec
+
+        record, _ = await jobs.mutate(job_id, change)
+        if record.status == status:
+            await self._announce_final(record)
+            return record
+        return None
+
+    async def _announce_final(self, record: JobRecord) -> None:
+        """Final message on the result stream, and the answer to a waiting ``jobs.run``."""
+        final = ResultFinal(
+            job_id=record.job_id,
+            attempt=record.attempt,
+            status=record.status,
+            output=record.output,
+            error=record.error,
+        )
+        await self.js.publish(self.names.results_subject(record.job_id), encode(final))
+        if record.reply_to:
+            await self.nc.publish(record.reply_to, encode(record))
+
+    # ------------------------------------------------------------------ queries
+
+    async def _get(self, req: Request) -> None:
+        jobs, _, _ = self._ready()
+        body = decode(req.data, GetJob)
+        record, _ = await jobs.get(body.job_id)
+        await self._respond(req, record)
+
+    async def _list(self, req: Request) -> None:
+        jobs, catalog, _ = self._ready()
+        q = decode(req.data or b"{}", ListJobs)
+        model: tuple[str, str] | None = None
+        if q.model is not None:
+            rec = catalog.find(q.model)
+            if rec is None:
+                raise ModelNotFound(f"model {q.model!r} is not registered")
+            model = (rec.family, rec.version)
+        statuses = set(q.status) if q.status else None
+        matched: list[JobRecord] = []
+        async for record in jobs.scan():
+            if q.cursor is not None and record.job_id >= q.cursor:
+                continue
+            if statuses is not None and record.status not in statuses:
+                continue
+            if model is not None and (record.spec.model.family, record.spec.model.version) != model:
+                continue
+            matched.append(record)
+        matched.sort(key=lambda r: r.job_id, reverse=True)  # ULIDs: newest first
+        page = matched[: q.limit]
+        next_cursor = page[-1].job_id if len(matched) > q.limit else None
+        await self._respond(req, JobList(jobs=page, next_cursor=next_cursor))
+
+    async def _workers_list(self, req: Request) -> None:
+        _, _, layout = self._ready()
+        q = decode(req.data or b"{}", ListWorkers)
+        workers: list[WorkerRecord] = []
+        async for _key, value, _rev in kv_values(layout.workers):
+            try:
+                worker = decode(value, WorkerRecord)
+            except ValidationFailed as e:
+                log.warning("skipping malformed worker record: %s", e)
+                continue
+            if q.runtime is None or q.runtime in worker.runtimes:
+                workers.append(worker)
+        workers.sort(key=lambda w: w.worker_id)
+        await self._respond(req, WorkerList(workers=workers))
+
+    async def _models_list(self, req: Request) -> None:
+        _, catalog, _ = self._ready()
+        q = decode(req.data or b"{}", ListModels)
+        models: list[ModelRecord] = [m for m in catalog.list() if q.runtime is None or m.runtime == q.runtime]
+        await self._respond(req, ModelList(models=models))
+
+    async def _models_get(self, req: Request) -> None:
+        _, catalog, _ = self._ready()
+        q = decode(req.data, GetModel)
+        try:
+            await self._respond(req, await catalog.resolve(q.name))
+        except (KeyNotFoundError, ValueError) as e:
+            raise ModelNotFound(f"model {q.name!r} is not registered") from e
+
+    # ------------------------------------------------------------------ cancel / retry
+
+    async def _cancel(self, req: Request) -> None:
+        jobs, _, _ = self._ready()
+        body = decode(req.data, CancelJob)
+        reason = body.reason or "cancelled by request"
+
+        def change(rec: JobRecord) -> JobRecord | None:
+            if rec.status in ("queued", "retrying"):
+                rec.status = "cancelled"
+                rec.error = ErrorInfo(code="cancelled", message=reason)
+                return rec
+            if rec.status in ACTIVE_STATUSES:
+                rec.status = "cancelling"
+                rec.error = ErrorInfo(code="cancelled", message=reason)
+                return rec
+            if rec.status in ("cancelling", "cancelled"):
+                return None
+            raise NotCancellable(f"job {rec.job_id} is already {rec.status}")
+
+        record, _ = await jobs.mutate(body.job_id, change)
+        if record.status == "cancelled":
+            await self._announce_final(record)
+        else:
+            await self.nc.publish(self.names.cancel_subject(record.job_id), encode(body))
+        log.info("job %s %s: %s", record.job_id, record.status, reason)
+        await self._respond(req, record)
+
+    async def _retry(self, req: Request) -> None:
+        jobs, _, _ = self._ready()
+        body = decode(req.data, RetryJob)
+
+        def change(rec: JobRecord) -> JobRecord | None:
+            if rec.status not in _RETRYABLE_BY_REQUEST:
+                raise InvalidState(f"job {rec.job_id} is {rec.status}; only failed/timeout/cancelled jobs retry")
+            rec.status = "queued"
+            rec.error = None
+            rec.output = None
+            rec.reply_to = None
+            return rec
+
+        record, revision = await jobs.mutate(body.job_id, change)
+        await self._dispatch(record, revision)
+        log.info("job %s re-queued by request (after attempt %d)", record.job_id, record.attempt)
+        await self._respond(req, record)
+
+
+def _reply_subject(req: Request) -> str:
+    return req._msg.reply  # noqa: SLF001 - nats.micro exposes no accessor for it

@@ -1,0 +1,109 @@
+"""A live, in-memory view of the model registry (``mnemos_models``), kept by a KV watch.
+
+The control plane validates every submitted job against it and workers look up artifact
+locations in it, so neither pays a KV round trip per job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from nats.js.errors import KeyNotFoundError
+from nats.js.kv import KeyValue
+
+from mnemos.errors import ModelNotFound, ValidationFailed
+from mnemos.messages import ModelRecord, decode
+from mnemos.names import model_key
+
+__all__ = ["ModelCatalog"]
+
+log = logging.getLogger("mnemos.catalog")
+
+
+class ModelCatalog:
+    """Model records by ``family.version`` key and by alias, updated as the bucket changes."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self._kv = kv
+        self._by_key: dict[str, ModelRecord] = {}
+        self._aliases: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        """Load every record and keep following changes. Safe to call twice."""
+        if self._task is not None:
+            return
+        watcher = await self._kv.watchall()
+        self._task = asyncio.create_task(self._follow(watcher), name="model-catalog")
+        await self._ready.wait()
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
+        try:
+            async for entry in watcher:
+                if entry is None:
+                    self._ready.set()
+                    continue
+                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                    self._by_key.pop(entry.key, None)
+                else:
+                    try:
+                        self._by_key[entry.key] = decode(entry.value, ModelRecord)
+                    except ValidationFailed as e:
+                        log.error("ignoring malformed model record %s: %s", entry.key, e)
+                self._rebuild_aliases()
+                self._ready.set()
+        finally:
+            self._ready.set()
+            await watcher.stop()
+
+    def _rebuild_aliases(self) -> None:
+        self._aliases = {a: k for k, rec in self._by_key.items() for a in rec.aliases}
+
+    def list(self) -> list[ModelRecord]:
+        return sorted(self._by_key.values(), key=lambda m: (m.family, m.version))
+
+    def find(self, name: str) -> ModelRecord | None:
+        """By ``family:version``, ``family.version`` key, or alias."""
+        if name in self._aliases:
+            return self._by_key.get(self._aliases[name])
+        if ":" in name:
+            family, _, version = name.partition(":")
+            return self._by_key.get(model_key(family, version))
+        return self._by_key.get(name)
+
+    async def get(self, family: str, version: str) -> ModelRecord:
+        """The record, from memory or (if the watch has not caught up yet) from KV."""
+        key = model_key(family, version)
+        rec = self._by_key.get(key)
+        if rec is not None:
+            return rec
+        try:
+            entry = await self._kv.get(key)
+        except KeyNotFoundError as e:
+            raise ModelNotFound(f"model {family}:{version} is not registered") from e
+        if not entry.value:
+            raise ModelNotFound(f"model {family}:{version} is not registered")
+        rec = decode(entry.value, ModelRecord)
+        self._by_key[key] = rec
+        return rec
+
+    async def resolve(self, name: str) -> ModelRecord:
+        rec = self.find(name)
+        if rec is None and ":" in name:
+            family, _, version = name.partition(":")
+            return await self.get(family, version)
+        if rec is None:
+            raise ModelNotFound(f"model {name!r} is not registered")
+        return rec

@@ -1,0 +1,443 @@
+"""The ``mnemos`` command line: run the platform's processes and manage jobs.
+
+Settings come from ``MNEMOS_*`` environment variables (read once, here) and the global
+options. Exit codes scripts can rely on: 0 ok; 1 the job ended failed/timeout/cancelled;
+2 usage error; 3 not found; 4 invalid request; 5 NATS or control plane unavailable;
+6 conflict / wrong state; 7 queue full; 10 anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from mnemos.config import NatsSettings
+from mnemos.errors import MnemosError
+from mnemos.messages import JobRecord, ResultChunk, ResultFinal, encode
+
+__all__ = ["main", "cli"]
+
+T = TypeVar("T")
+console = Console()
+err_console = Console(stderr=True)
+
+_EXIT_BY_STATUS = {400: 4, 404: 3, 409: 6, 413: 4, 429: 7, 503: 5}
+
+
+def _exit_code(e: MnemosError) -> int:
+    return _EXIT_BY_STATUS.get(e.status, 10)
+
+
+class _Ctx:
+    def __init__(self, settings: NatsSettings, output: str) -> None:
+        self.settings = settings
+        self.output = output
+
+
+def _run(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        return asyncio.run(coro)
+    except MnemosError as e:
+        err_console.print(f"[red]error[/red] [bold]{e.code}[/bold]: {e.message}")
+        sys.exit(_exit_code(e))
+
+
+async def _serve_until_signal(serve: Callable[[asyncio.Event], Awaitable[Any]]) -> Any:
+    """Run a long-lived role; SIGINT/SIGTERM set the stop event (handled only here)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return await serve(stop)
+
+
+def _setup_logging() -> None:
+    level = os.environ.get("MNEMOS_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+@click.group()
+@click.option("--nats-url", envvar="MNEMOS_NATS_URL", default=None, help="NATS server URL(s).")
+@click.option("--namespace", envvar="MNEMOS_NAMESPACE", default=None, help="Subject/bucket prefix.")
+@click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", help="Output format.")
+@click.pass_context
+def cli(ctx: click.Context, nats_url: str | None, namespace: str | None, output: str) -> None:
+    """MNEMOS: serverless AI inference on your own GPUs, coordinated over NATS."""
+    overrides: dict[str, Any] = {}
+    if nats_url:
+        overrides["nats_url"] = nats_url
+    if namespace:
+        overrides["namespace"] = namespace
+    ctx.obj = _Ctx(NatsSettings(**overrides), output)
+
+
+# ---------------------------------------------------------------------------- processes
+
+
+@cli.command()
+@click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".mnemos"), show_default=True,
+              envvar="MNEMOS_DATA_DIR")
+@click.option("--port", type=int, default=4222, show_default=True, help="Embedded NATS port.")
+@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--slots", type=int, default=4, show_default=True, help="Concurrent jobs per worker.")
+@click.pass_obj
+def up(obj: _Ctx, data_dir: Path, port: int, workers: int, slots: int) -> None:
+    """Run everything locally: embedded NATS, control plane, a worker, the demo model."""
+    from mnemos.up import UpOptions, run_up
+
+    _setup_logging()
+    sys.exit(run_up(UpOptions(data_dir=data_dir, port=port, workers=workers, worker_slots=slots,
+                              namespace=obj.settings.namespace)))
+
+
+@cli.command("control-plane")
+@click.pass_obj
+def control_plane_cmd(obj: _Ctx) -> None:
+    """Run a control-plane process (any number may run)."""
+    from control_plane.config import ControlPlaneSettings
+    from control_plane.main import serve
+
+    _setup_logging()
+    settings = ControlPlaneSettings()
+    _run(_serve_until_signal(lambda stop: serve(obj.settings, settings, stop)))
+
+
+@cli.command("worker")
+@click.option("--runtimes", default=None, help="Comma-separated runtimes (default: all that can run here).")
+@click.option("--slots", type=int, default=None, help="Concurrent jobs (MNEMOS_WORKER_MAX_CONCURRENT_JOBS).")
+@click.pass_obj
+def worker_cmd(obj: _Ctx, runtimes: str | None, slots: int | None) -> None:
+    """Run a worker: pull jobs by priority and run them; SIGTERM drains."""
+    from neuron_runtime.config import WorkerSettings
+    from neuron_runtime.main import serve
+    from registry.config import RegistrySettings
+
+    _setup_logging()
+    overrides: dict[str, Any] = {}
+    if runtimes:
+        overrides["runtimes"] = runtimes
+    if slots:
+        overrides["max_concurrent_jobs"] = slots
+    settings = WorkerSettings(**overrides)
+    _run(_serve_until_signal(lambda stop: serve(obj.settings, settings, RegistrySettings(), stop)))
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
+def _print_record(obj: _Ctx, record: JobRecord) -> None:
+    if obj.output == "json":
+        click.echo(encode(record).decode())
+        return
+    t = Table(show_header=False, box=None)
+    t.add_row("job", record.job_id)
+    t.add_row("status", record.status)
+    t.add_row("model", f"{record.spec.model.family}:{record.spec.model.version} ({record.runtime})")
+    t.add_row("attempt", str(record.attempt))
+    if record.worker_id:
+        t.add_row("worker", record.worker_id)
+    tm = record.timings
+    t.add_row("timings", f"queue {tm.queue_ms} ms, load {tm.load_ms} ms, first token {tm.first_token_ms} ms, "
+              f"run {tm.run_ms} ms, cache hit {tm.cache_hit}")
+    if record.output is not None:
+        t.add_row("result", json.dumps(record.output.result) if not isinstance(record.output.result, str)
+                  else record.output.result)
+        if record.output.metadata:
+            t.add_row("metadata", json.dumps(record.output.metadata))
+    if record.error is not None:
+        t.add_row("error", f"{record.error.code}: {record.error.message}")
+    console.print(t)
+
+
+def _job_exit(record: JobRecord) -> None:
+    if record.terminal and record.status != "completed":
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--model", "-m", required=True, help="family:version")
+@click.option("--prompt", "-p", default=None)
+@click.option("--arg", "args", multiple=True, help="Positional argument (JSON or string); repeatable.")
+@click.option("--kwarg", "kwargs", multiple=True, help="key=value (value JSON or string); repeatable.")
+@click.option("--function", default=None, help="Function of a python model to call.")
+@click.option("--runtime", default=None)
+@click.option("--priority", type=click.IntRange(1, 10), default=5, show_default=True)
+@click.option("--timeout", "timeout_seconds", type=float, default=300.0, show_default=True)
+@click.option("--max-tokens", type=int, default=None)
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--stop", "stop_seq", multiple=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--idempotency-key", default=None)
+@click.option("--stream", is_flag=True, help="Print output as it is generated.")
+@click.option("--wait", is_flag=True, help="Wait for the job to finish and print it.")
+@click.pass_obj
+def submit(obj: _Ctx, model: str, prompt: str | None, args: tuple[str, ...], kwargs: tuple[str, ...],
+           function: str | None, runtime: str | None, priority: int, timeout_seconds: float,
+           max_tokens: int | None, temperature: float | None, top_p: float | None, top_k: int | None,
+           stop_seq: tuple[str, ...], seed: int | None, idempotency_key: str | None, stream: bool,
+           wait: bool) -> None:
+    """Submit a job."""
+    from mnemos.client import Client, job_spec
+
+    params = {k: v for k, v in dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                    seed=seed, stop=list(stop_seq) or None).items() if v is not None}
+    kw = {}
+    for item in kwargs:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"--kwarg needs key=value, got {item!r}")
+        kw[key] = _parse_value(value)
+
+    async def go() -> JobRecord:
+        spec = job_spec(model, prompt=prompt, args=[_parse_value(a) for a in args], kwargs=kw, function=function,
+                        runtime=runtime, priority=priority, timeout_seconds=timeout_seconds,
+                        idempotency_key=idempotency_key, **params)
+        async with await Client.connect(obj.settings) as client:
+            record = await client.submit(spec)
+            if stream:
+                async for item in client.stream(record.job_id):
+                    if isinstance(item, ResultChunk):
+                        if item.text:
+                            sys.stdout.write(item.text)
+                        elif item.data is not None:
+                            sys.stdout.write(json.dumps(item.data) + "\n")
+                        sys.stdout.flush()
+                    elif isinstance(item, ResultFinal) and item.status == "retrying":
+                        err_console.print(f"\n[yellow]attempt {item.attempt} failed; retrying[/yellow]")
+                sys.stdout.write("\n")
+                return await client.get(record.job_id)
+            if wait:
+                return await client.wait(record.job_id, timeout=timeout_seconds + 60)
+            return record
+
+    record = _run(go())
+    if stream and obj.output != "json":
+        meta = record.output.metadata if record.output else {}
+        err_console.print(
+            f"[dim]{record.job_id} {record.status}; tokens {meta.get('completion_tokens', '-')}, "
+            f"first token {record.timings.first_token_ms} ms, run {record.timings.run_ms} ms[/dim]"
+        )
+        if record.error:
+            err_console.print(f"[red]{record.error.code}[/red]: {record.error.message}")
+    else:
+        _print_record(obj, record)
+    _job_exit(record)
+
+
+@cli.group()
+def jobs() -> None:
+    """List, inspect, cancel, retry and watch jobs."""
+
+
+@jobs.command("ls")
+@click.option("--status", multiple=True, help="Filter by status; repeatable.")
+@click.option("--model", default=None, help="family:version or alias")
+@click.option("--limit", type=int, default=20, show_default=True)
+@click.option("--cursor", default=None, help="next_cursor of the previous page")
+@click.pass_obj
+def jobs_ls(obj: _Ctx, status: tuple[str, ...], model: str | None, limit: int, cursor: str | None) -> None:
+    from mnemos.client import Client
+
+    async def go() -> Any:
+        async with await Client.connect(obj.settings) as client:
+            return await client.list(status=list(status) or None, model=model, limit=limit, cursor=cursor)
+
+    page = _run(go())
+    if obj.output == "json":
+        click.echo(encode(page).decode())
+        return
+    t = Table("job", "status", "model", "runtime", "prio", "attempt", "worker", "run ms", "created")
+    for r in page.jobs:
+        t.add_row(r.job_id, r.status, f"{r.spec.model.family}:{r.spec.model.version}", r.runtime,
+                  str(r.spec.priority), str(r.attempt), r.worker_id or "-", str(r.timings.run_ms or "-"),
+                  r.created_at.strftime("%Y-%m-%d %H:%M:%S"))
+    console.print(t)
+    if page.next_cursor:
+        console.print(f"[dim]more: --cursor {page.next_cursor}[/dim]")
+
+
+def _job_command(name: str, help_text: str, call: Callable[[Any, str], Awaitable[JobRecord]]) -> None:
+    @jobs.command(name, help=help_text)
+    @click.argument("job_id")
+    @click.pass_obj
+    def command(obj: _Ctx, job_id: str) -> None:
+        from mnemos.client import Client
+
+        async def go() -> JobRecord:
+            async with await Client.connect(obj.settings) as client:
+                return await call(client, job_id)
+
+        _print_record(obj, _run(go()))
+
+
+_job_command("get", "Show a job.", lambda c, j: c.get(j))
+_job_command("cancel", "Cancel a queued or running job.", lambda c, j: c.cancel(j))
+_job_command("retry", "Re-run a failed, timed-out or cancelled job.", lambda c, j: c.retry(j))
+
+
+@jobs.command("watch")
+@click.argument("job_id")
+@click.pass_obj
+def jobs_watch(obj: _Ctx, job_id: str) -> None:
+    """Follow a job's result stream (replayed from the start) until it ends."""
+    from mnemos.client import Client
+
+    async def go() -> JobRecord:
+        async with await Client.connect(obj.settings) as client:
+            async for item in client.stream(job_id):
+                if obj.output == "json":
+                    click.echo(encode(item).decode())
+                elif isinstance(item, ResultChunk):
+                    sys.stdout.write(item.text or json.dumps(item.data))
+                    sys.stdout.flush()
+            return await client.get(job_id)
+
+    record = _run(go())
+    if obj.output != "json":
+        sys.stdout.write("\n")
+        _print_record(obj, record)
+    _job_exit(record)
+
+
+# ---------------------------------------------------------------------------- workers, models
+
+
+@cli.group()
+def workers() -> None:
+    """Workers registered in this namespace."""
+
+
+@workers.command("ls")
+@click.option("--runtime", default=None)
+@click.pass_obj
+def workers_ls(obj: _Ctx, runtime: str | None) -> None:
+    from mnemos.client import Client
+
+    async def go() -> Any:
+        async with await Client.connect(obj.settings) as client:
+            return await client.workers(runtime)
+
+    found = _run(go())
+    if obj.output == "json":
+        click.echo(encode(found).decode())
+        return
+    t = Table("worker", "status", "runtimes", "slots free", "running", "loaded models", "done", "failed", "gpus")
+    for w in found:
+        gpus = len(w.resources.gpus) if w.resources else 0
+        t.add_row(w.worker_id, w.status, ",".join(w.runtimes), f"{w.free_slots}/{w.max_concurrent_jobs}",
+                  str(len(w.current_jobs)), ",".join(w.loaded_models) or "-", str(w.jobs_completed),
+                  str(w.jobs_failed), str(gpus))
+    console.print(t)
+
+
+@cli.group()
+def models() -> None:
+    """The model registry."""
+
+
+@models.command("ls")
+@click.option("--runtime", default=None)
+@click.pass_obj
+def models_ls(obj: _Ctx, runtime: str | None) -> None:
+    from mnemos.client import Client
+
+    async def go() -> Any:
+        async with await Client.connect(obj.settings) as client:
+            return await client.models(runtime)
+
+    found = _run(go())
+    if obj.output == "json":
+        click.echo(encode(found).decode())
+        return
+    t = Table("model", "runtime", "files", "size", "store", "aliases", "description")
+    for m in found:
+        t.add_row(m.name, m.runtime, str(len(m.files)), _human(m.total_size), m.artifact.store,
+                  ",".join(m.aliases) or "-", m.description)
+    console.print(t)
+
+
+@models.command("push")
+@click.argument("model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--family", required=True)
+@click.option("--version", required=True)
+@click.option("--runtime", required=True, type=click.Choice(["vllm", "transformers", "pytorch", "python"]))
+@click.option("--config", "config_json", default="{}", help="Default runtime_config as JSON.")
+@click.option("--alias", "aliases", multiple=True)
+@click.option("--description", default="")
+@click.option("--store", type=click.Choice(["nats", "s3"]), default=None, help="Default: MNEMOS_ARTIFACT_STORE.")
+@click.option("--force", is_flag=True, help="Replace an existing version.")
+@click.pass_obj
+def models_push(obj: _Ctx, model_dir: Path, family: str, version: str, runtime: str, config_json: str,
+                aliases: tuple[str, ...], description: str, store: str | None, force: bool) -> None:
+    """Upload a model directory (sha256 per file) and register it."""
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    from mnemos.connection import connect
+    from registry import Registry, RegistrySettings, scan_directory
+
+    try:
+        config = json.loads(config_json)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(f"--config is not JSON: {e}") from e
+
+    async def go() -> Any:
+        nc = await connect(obj.settings, "mnemos-cli")
+        try:
+            registry = Registry(nc.jetstream(), obj.settings.names, RegistrySettings())
+            await registry.start()
+            files = scan_directory(model_dir)
+            total = sum(f.size for f in files)
+            with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                          TransferSpeedColumn(), console=err_console) as progress:
+                task = progress.add_task(f"upload {family}:{version}", total=total)
+                return await registry.push(
+                    model_dir, family=family, version=version, runtime=runtime, runtime_config=config,
+                    aliases=list(aliases), description=description, store=store, force=force,
+                    progress=lambda _path, done, _size: progress.advance(task, done),
+                )
+        finally:
+            await nc.drain()
+
+    record = _run(go())
+    if obj.output == "json":
+        click.echo(encode(record).decode())
+    else:
+        console.print(f"registered [bold]{record.name}[/bold] ({record.runtime}, {len(record.files)} files, "
+                      f"{_human(record.total_size)}) in {record.artifact.store}://{record.artifact.bucket}")
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def main() -> None:
+    cli(prog_name="mnemos")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Opening a NATS connection the same way in every process."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import nats
+from nats.aio.client import Client as NATS
+
+from mnemos.config import NatsSettings
+from mnemos.errors import Unavailable
+
+__all__ = ["connect"]
+
+log = logging.getLogger("mnemos.nats")
+
+
+async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:
+    """Connect to NATS with reconnects forever and every async error logged (never dropped)."""
+
+    async def error_cb(e: Exception) -> None:
+        log.warning("nats error on %s: %r", name, e)
+
+    async def disconnected_cb() -> None:
+        log.warning("nats disconnected (%s)", name)
+
+    async def reconnected_cb() -> None:
+        log.info("nats reconnected (%s)", name)
+
+    opts: dict[str, Any] = dict(
+        servers=settings.servers,
+        name=name,
+        connect_timeout=settings.nats_connect_timeout_s,
+        max_reconnect_attempts=-1,
+        reconnect_time_wait=0.25,
+        error_cb=error_cb,
+        disconnected_cb=disconnected_cb,
+        reconnected_cb=reconnected_cb,
+        pending_size=64 * 1024 * 1024,
+        flush_timeout=10,
+    )
+    if settings.nats_creds:
+        opts["user_credentials"] = settings.nats_creds
+    opts.update(options)
+    try:
+        return await nats.connect(**opts)
+    except Exception as e:  # nats raises several unrelated types for "cannot connect"
+        raise Unavailable(f"cannot connect to NATS at {settings.nats_url}: {e!r}") from e

@@ -1,0 +1,212 @@
+"""MNEMOS errors and the one envelope they travel in.
+
+Every failure has a stable string ``code`` (what scripts and the HTTP gateway switch on),
+a message, and ``retryable``. On the wire an error is a micro error reply: headers
+``Nats-Service-Error`` / ``Nats-Service-Error-Code`` (a numeric status) plus an
+:class:`~mnemos.messages.ErrorReply` JSON body. :func:`from_info` turns an envelope back
+into the matching exception class.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "MnemosError",
+    "InvalidJSON",
+    "ValidationFailed",
+    "PayloadTooLarge",
+    "UnknownModel",
+    "UnknownRuntime",
+    "JobNotFound",
+    "ModelNotFound",
+    "InvalidState",
+    "NotCancellable",
+    "Conflict",
+    "QueueFull",
+    "Unavailable",
+    "NotConnected",
+    "JobTimeout",
+    "JobCancelled",
+    "ExecutionError",
+    "ModelLoadError",
+    "ArtifactError",
+    "WorkerLost",
+    "Internal",
+    "ERROR_CLASSES",
+    "from_info",
+]
+
+
+class MnemosError(Exception):
+    """Base of every MNEMOS error. ``code`` is stable; ``status`` is the micro/HTTP-like code."""
+
+    code: ClassVar[str] = "internal"
+    status: ClassVar[int] = 500
+    retryable_default: ClassVar[bool] = False
+
+    def __init__(
+        self, message: str = "", *, retryable: bool | None = None, details: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+        self.retryable = self.retryable_default if retryable is None else retryable
+        self.details = details
+
+    def info(self) -> Any:
+        """This error as an :class:`~mnemos.messages.ErrorInfo` envelope."""
+        from mnemos.messages import ErrorInfo
+
+        return ErrorInfo(code=self.code, message=self.message, retryable=self.retryable, details=self.details)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(code={self.code!r}, message={self.message!r})"
+
+
+class InvalidJSON(MnemosError, ValueError):
+    code = "invalid_json"
+    status = 400
+
+
+class ValidationFailed(MnemosError, ValueError):
+    code = "validation_error"
+    status = 400
+
+
+class PayloadTooLarge(MnemosError, ValueError):
+    code = "payload_too_large"
+    status = 413
+
+
+class UnknownModel(MnemosError, LookupError):
+    code = "unknown_model"
+    status = 400
+
+
+class UnknownRuntime(MnemosError, ValueError):
+    code = "unknown_runtime"
+    status = 400
+
+
+class JobNotFound(MnemosError, LookupError):
+    code = "job_not_found"
+    status = 404
+
+
+class ModelNotFound(MnemosError, LookupError):
+    code = "model_not_found"
+    status = 404
+
+
+class InvalidState(MnemosError):
+    """The job is in a state where the request makes no sense (e.g. retrying a running job)."""
+
+    code = "invalid_state"
+    status = 409
+
+
+class NotCancellable(InvalidState):
+    code = "not_cancellable"
+    status = 409
+
+
+class Conflict(MnemosError):
+    code = "conflict"
+    status = 409
+    retryable_default = True
+
+
+class QueueFull(MnemosError):
+    code = "queue_full"
+    status = 429
+    retryable_default = True
+
+
+class Unavailable(MnemosError, ConnectionError):
+    code = "unavailable"
+    status = 503
+    retryable_default = True
+
+
+class NotConnected(Unavailable):
+    code = "not_connected"
+    status = 503
+    retryable_default = False
+
+
+class JobTimeout(MnemosError, TimeoutError):
+    code = "timeout"
+    status = 504
+    retryable_default = True
+
+
+class JobCancelled(MnemosError):
+    code = "cancelled"
+    status = 409
+
+
+class ExecutionError(MnemosError, RuntimeError):
+    """The job's own code or model raised."""
+
+    code = "execution_error"
+    status = 500
+
+
+class ModelLoadError(MnemosError, RuntimeError):
+    code = "model_load_error"
+    status = 500
+    retryable_default = True
+
+
+class ArtifactError(MnemosError, OSError):
+    code = "artifact_error"
+    status = 500
+    retryable_default = True
+
+
+class WorkerLost(MnemosError):
+    code = "worker_lost"
+    status = 503
+    retryable_default = True
+
+
+class Internal(MnemosError):
+    code = "internal"
+    status = 500
+
+
+ERROR_CLASSES: dict[str, type[MnemosError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidJSON,
+        ValidationFailed,
+        PayloadTooLarge,
+        UnknownModel,
+        UnknownRuntime,
+        JobNotFound,
+        ModelNotFound,
+        InvalidState,
+        NotCancellable,
+        Conflict,
+        QueueFull,
+        Unavailable,
+        NotConnected,
+        JobTimeout,
+        JobCancelled,
+        ExecutionError,
+        ModelLoadError,
+        ArtifactError,
+        WorkerLost,
+        Internal,
+    )
+}
+
+
+def from_info(info: Any) -> MnemosError:
+    """The exception for an :class:`~mnemos.messages.ErrorInfo` (unknown codes -> MnemosError)."""
+    cls = ERROR_CLASSES.get(info.code)
+    if cls is None:
+        err = MnemosError(info.message, retryable=info.retryable, details=info.details)
+        err.code = info.code  # type: ignore[misc]
+        return err
+    return cls(info.message, retryable=info.retryable, details=info.details)

@@ -1,0 +1,105 @@
+"""Job records in the ``mnemos_jobs`` KV bucket, changed only by compare-and-set.
+
+Both the control plane and the workers write job records; every write names the revision
+it read (``Nats-Expected-Last-Subject-Sequence``), so two writers never silently
+overwrite each other: the loser gets :class:`~mnemos.errors.Conflict`, re-reads and
+decides again. This is what makes "a job completes at most once" hold.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator, Callable
+
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.kv import KeyValue
+
+from mnemos.errors import Conflict, JobNotFound, ValidationFailed
+from mnemos.messages import JobRecord, decode, encode, utcnow
+
+__all__ = ["JobStore", "check_job_id", "kv_values"]
+
+_JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+def check_job_id(job_id: str) -> str:
+    """Return ``job_id`` if it can be a KV key, else raise ValidationFailed."""
+    if not _JOB_ID_RE.match(job_id):
+        raise ValidationFailed(f"invalid job id {job_id!r}")
+    return job_id
+
+
+async def kv_values(kv: KeyValue) -> AsyncIterator[tuple[str, bytes, int]]:
+    """Every live ``(key, value, revision)`` of a bucket, read once (no updates after)."""
+    watcher = await kv.watchall(ignore_deletes=True)
+    try:
+        async for entry in watcher:
+            if entry is None:  # end of the initial values
+                break
+            if entry.value:
+                yield entry.key, entry.value, entry.revision
+    except NoKeysError:
+        return
+    finally:
+        await watcher.stop()
+
+
+class JobStore:
+    """Typed access to job records."""
+
+    def __init__(self, kv: KeyValue) -> None:
+        self.kv = kv
+
+    async def create(self, record: JobRecord) -> int:
+        """Store a new record; its revision. Raises Conflict if the id exists."""
+        try:
+            return await self.kv.create(record.job_id, encode(record))
+        except KeyWrongLastSequenceError as e:
+            raise Conflict(f"job {record.job_id} already exists") from e
+
+    async def get(self, job_id: str) -> tuple[JobRecord, int]:
+        """The record and its revision; raises JobNotFound."""
+        check_job_id(job_id)
+        try:
+            entry = await self.kv.get(job_id)
+        except KeyNotFoundError as e:
+            raise JobNotFound(f"no job {job_id}") from e
+        if entry.value is None or entry.revision is None:
+            raise JobNotFound(f"no job {job_id}")
+        return decode(entry.value, JobRecord), entry.revision
+
+    async def update(self, record: JobRecord, revision: int) -> int:
+        """Write ``record`` if the stored revision is still ``revision``; the new revision."""
+        try:
+            return await self.kv.update(record.job_id, encode(record), last=revision)
+        except KeyWrongLastSequenceError as e:
+            raise Conflict(f"job {record.job_id} changed since revision {revision}") from e
+
+    async def mutate(
+        self,
+        job_id: str,
+        change: Callable[[JobRecord], JobRecord | None],
+        *,
+        tries: int = 20,
+    ) -> tuple[JobRecord, int]:
+        """Read-modify-write with compare-and-set, retried on conflict.
+
+        ``change`` returns the new record, or None to leave it as it is (the current
+        record is returned then). ``updated_at`` is set on every write.
+        """
+        for _ in range(tries):
+            record, revision = await self.get(job_id)
+            new = change(record)
+            if new is None:
+                return record, revision
+            new.updated_at = utcnow()
+            try:
+                return new, await self.update(new, revision)
+            except Conflict:
+                continue
+        raise Conflict(f"job {job_id} kept changing; gave up after {tries} tries")
+
+    async def scan(self) -> AsyncIterator[JobRecord]:
+        """Every job record (O(number of jobs kept); see docs on retention)."""
+        async for _key, value, _rev in kv_values(self.kv):
+            yield decode(value, JobRecord)

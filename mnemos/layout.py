@@ -1,0 +1,145 @@
+"""Creating (idempotently) the JetStream streams and KV buckets of one namespace.
+
+Every process calls :func:`ensure_layout` at start; creating something that exists with the
+same configuration is a no-op on the server, so any number of processes may race here.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from nats.js import JetStreamContext
+from nats.js import api as jsapi
+from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from mnemos.names import Names
+
+__all__ = ["LayoutOptions", "Layout", "ensure_layout"]
+
+log = logging.getLogger("mnemos.layout")
+
+
+@dataclass(frozen=True)
+class LayoutOptions:
+    replicas: int = 1
+    #: How long finished job records and result streams are kept.
+    job_retention_s: float = 7 * 24 * 3600
+    results_retention_s: float = 24 * 3600
+    idempotency_window_s: float = 24 * 3600
+
+
+@dataclass
+class Layout:
+    """Handles on the buckets of one namespace."""
+
+    names: Names
+    jobs: KeyValue
+    workers: KeyValue
+    models: KeyValue
+    idempotency: KeyValue
+
+
+async def _ensure_stream(js: JetStreamContext, config: jsapi.StreamConfig) -> None:
+    try:
+        await js.add_stream(config)
+    except BadRequestError as e:
+        if e.err_code != 10058:  # name in use with a different configuration
+            raise
+        log.info("stream %s exists with another configuration; updating it", config.name)
+        await js.update_stream(config)
+
+
+async def _ensure_kv(js: JetStreamContext, config: jsapi.KeyValueConfig) -> KeyValue:
+    try:
+        return await js.key_value(config.bucket)
+    except (BucketNotFoundError, NotFoundError):
+        pass
+    try:
+        return await js.create_key_value(config)
+    except BadRequestError as e:
+        if e.err_code != 10058:
+            raise
+        return await js.key_value(config.bucket)
+
+
+async def ensure_layout(js: JetStreamContext, names: Names, options: LayoutOptions | None = None) -> Layout:
+    """Create the namespace's streams and buckets if missing and return the KV handles."""
+    o = options or LayoutOptions()
+    await _ensure_stream(
+        js,
+        jsapi.StreamConfig(
+            name=names.dispatch_stream,
+            description="MNEMOS job dispatch: <runtime>.<priority>.<model>, pulled by workers",
+            subjects=[names.dispatch_all],
+            retention=jsapi.RetentionPolicy.WORK_QUEUE,
+            storage=jsapi.StorageType.FILE,
+            discard=jsapi.DiscardPolicy.NEW,
+            num_replicas=o.replicas,
+            duplicate_window=120.0,
+            allow_direct=True,
+        ),
+    )
+    await _ensure_stream(
+        js,
+        jsapi.StreamConfig(
+            name=names.results_stream,
+            description="MNEMOS result chunks and final messages per job",
+            subjects=[names.results_all],
+            retention=jsapi.RetentionPolicy.LIMITS,
+            storage=jsapi.StorageType.FILE,
+            max_age=o.results_retention_s,
+            num_replicas=o.replicas,
+            duplicate_window=120.0,
+            allow_direct=True,
+        ),
+    )
+    jobs = await _ensure_kv(
+        js,
+        jsapi.KeyValueConfig(
+            bucket=names.jobs_bucket,
+            description="MNEMOS job records",
+            history=1,
+            ttl=o.job_retention_s,
+            storage=jsapi.StorageType.FILE,
+            replicas=o.replicas,
+            direct=True,
+        ),
+    )
+    workers = await _ensure_kv(
+        js,
+        jsapi.KeyValueConfig(
+            bucket=names.workers_bucket,
+            description="MNEMOS workers (each key expires when its heartbeats stop)",
+            history=1,
+            storage=jsapi.StorageType.FILE,
+            replicas=o.replicas,
+            direct=True,
+            limit_marker_ttl=60.0,
+        ),
+    )
+    models = await _ensure_kv(
+        js,
+        jsapi.KeyValueConfig(
+            bucket=names.models_bucket,
+            description="MNEMOS model registry",
+            history=5,
+            storage=jsapi.StorageType.FILE,
+            replicas=o.replicas,
+            direct=True,
+        ),
+    )
+    idempotency = await _ensure_kv(
+        js,
+        jsapi.KeyValueConfig(
+            bucket=names.idempotency_bucket,
+            description="MNEMOS idempotency keys -> job ids",
+            history=1,
+            ttl=o.idempotency_window_s,
+            storage=jsapi.StorageType.FILE,
+            replicas=o.replicas,
+            direct=True,
+        ),
+    )
+    return Layout(names=names, jobs=jobs, workers=workers, models=models, idempotency=idempotency)

@@ -1,0 +1,463 @@
+"""Typed, versioned wire messages.
+
+Each message is declared once here as a msgspec Struct with a ``type`` tag such as
+``io.mnemos.v1.job`` (like nats micro's ``io.nats.micro.v1.ping_response``). Decoding is
+strict: unknown fields, wrong types and out-of-range values raise
+:class:`mnemos.errors.ValidationFailed` naming the offending path.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal, TypeVar
+
+import msgspec
+from msgspec import Meta, Struct, field
+
+from mnemos.names import RUNTIMES
+
+__all__ = [
+    "JobStatus",
+    "TERMINAL_STATUSES",
+    "ACTIVE_STATUSES",
+    "RetryPolicy",
+    "GenerationParams",
+    "ModelRef",
+    "JobInput",
+    "JobSpec",
+    "JobOutput",
+    "ErrorInfo",
+    "Phase",
+    "Attempt",
+    "Timings",
+    "JobRecord",
+    "Dispatch",
+    "ResultChunk",
+    "ResultFinal",
+    "ResultMessage",
+    "GPUInfo",
+    "SystemResources",
+    "WorkerRecord",
+    "WorkerCommand",
+    "ModelFile",
+    "ArtifactLocation",
+    "ModelRecord",
+    "GetJob",
+    "ListJobs",
+    "JobList",
+    "CancelJob",
+    "RetryJob",
+    "ListWorkers",
+    "WorkerList",
+    "ListModels",
+    "ModelList",
+    "GetModel",
+    "ErrorReply",
+    "encode",
+    "decode",
+    "new_job_id",
+    "utcnow",
+]
+
+JobStatus = Literal[
+    "queued",
+    "acquired",
+    "loading_model",
+    "running",
+    "streaming",
+    "cancelling",
+    "retrying",
+    "completed",
+    "failed",
+    "timeout",
+    "cancelled",
+]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "timeout", "cancelled"})
+ACTIVE_STATUSES: frozenset[str] = frozenset({"acquired", "loading_model", "running", "streaming"})
+
+Runtime = Literal["vllm", "transformers", "pytorch", "python"]
+assert set(Runtime.__args__) == set(RUNTIMES)  # type: ignore[attr-defined]
+
+JobType = Literal["inference", "batch_inference", "training", "fine_tuning", "evaluation"]
+
+# Families: no dots or colons; versions: no underscores (see names.model_token).
+Family = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+Version = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")]
+Priority = Annotated[int, Meta(ge=1, le=10)]
+PositiveInt = Annotated[int, Meta(gt=0)]
+NonNegInt = Annotated[int, Meta(ge=0)]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_job_id() -> str:
+    """A ULID: 26 Crockford base32 chars, sortable by creation time (KV and subject safe)."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+class _Strict(Struct, forbid_unknown_fields=True, omit_defaults=False, kw_only=True):
+    """Base for every wire message: unknown fields are errors."""
+
+
+# ----------------------------------------------------------------------------- job spec
+
+
+class RetryPolicy(_Strict, tag="io.mnemos.v1.retry_policy", tag_field="type"):
+    """How a failed attempt is retried (from the CORTEX seed's RetryPolicy)."""
+
+    strategy: Literal["exponential", "linear", "fixed"] = "exponential"
+    max_retries: Annotated[int, Meta(ge=0, le=10)] = 3
+    initial_delay_seconds: Annotated[float, Meta(ge=0, le=3600)] = 1.0
+    max_delay_seconds: Annotated[float, Meta(ge=0, le=86400)] = 300.0
+    backoff_multiplier: Annotated[float, Meta(ge=1.0, le=10.0)] = 2.0
+    jitter: bool = True
+    #: Error codes that may retry; None means every retryable error.
+    retry_on_errors: list[str] | None = None
+
+
+class GenerationParams(_Strict):
+    """Sampling parameters for text runtimes (seed rules: temperature 0-2, max_tokens > 0)."""
+
+    max_tokens: Annotated[int, Meta(gt=0, le=32768)] | None = None
+    temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, Meta(ge=0)] | None = None
+    stop: list[Annotated[str, Meta(min_length=1)]] | None = None
+    seed: int | None = None
+
+
+class ModelRef(_Strict):
+    """Which model runs the job. ``runtime`` defaults to the model's registered runtime."""
+
+    family: Family
+    version: Version
+    #: Checked against :data:`mnemos.names.RUNTIMES` by the control plane (code ``unknown_runtime``).
+    runtime: Annotated[str, Meta(max_length=32)] | None = None
+    runtime_config: dict[str, Any] = field(default_factory=dict)
+
+
+class JobInput(_Strict):
+    """What the job runs on.
+
+    Text runtimes read ``prompt`` and ``parameters``; ``python`` calls the function with
+    ``*args, **kwargs``; ``pytorch`` turns ``args`` into input tensors.
+    """
+
+    prompt: Annotated[str, Meta(min_length=1)] | None = None
+    parameters: GenerationParams = field(default_factory=GenerationParams)
+    context: dict[str, Any] | None = None
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class JobSpec(_Strict, tag="io.mnemos.v1.job_spec", tag_field="type"):
+    """A job as submitted (seed JobSpec; ``job_id`` is assigned by the control plane)."""
+
+    model: ModelRef
+    input: JobInput = field(default_factory=JobInput)
+    job_type: JobType = "inference"
+    priority: Priority = 5
+    timeout_seconds: Annotated[float, Meta(gt=0, le=86400)] = 300.0
+    retry_config: RetryPolicy | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+
+
+# ----------------------------------------------------------------------------- job record
+
+
+class ErrorInfo(_Strict):
+    """The one error envelope: a stable code, a message, and whether retrying may help."""
+
+    code: str
+    message: str
+    retryable: bool = False
+    details: dict[str, Any] | None = None
+
+
+class JobOutput(_Strict):
+    """A finished job's output (seed JobOutput)."""
+
+    result: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Phase(_Strict):
+    name: str
+    at: datetime
+
+
+class Attempt(_Strict):
+    """One execution attempt of a job, kept in the record's history."""
+
+    attempt: PositiveInt
+    worker_id: str
+    started_at: datetime
+    ended_at: datetime | None = None
+    outcome: str | None = None
+    error: ErrorInfo | None = None
+    phases: list[Phase] = field(default_factory=list)
+
+
+class Timings(_Strict):
+    """Where the time of the latest attempt went, in milliseconds."""
+
+    queue_ms: float | None = None
+    load_ms: float | None = None
+    first_token_ms: float | None = None
+    run_ms: float | None = None
+    total_ms: float | None = None
+    #: The model was already loaded in memory (no load at all).
+    cache_hit: bool | None = None
+    #: The model's files were already on local disk (no download).
+    disk_cache_hit: bool | None = None
+
+
+class JobRecord(_Strict, tag="io.mnemos.v1.job", tag_field="type"):
+    """A job's state: the value stored under ``mnemos_jobs.<job_id>``."""
+
+    job_id: str
+    status: JobStatus
+    spec: JobSpec
+    runtime: Runtime
+    created_at: datetime
+    updated_at: datetime
+    attempt: NonNegInt = 0
+    attempts: list[Attempt] = field(default_factory=list)
+    worker_id: str | None = None
+    timings: Timings = field(default_factory=Timings)
+    output: JobOutput | None = None
+    error: ErrorInfo | None = None
+    tenant: str | None = None
+    #: Inbox of a waiting ``jobs.run`` requester; whoever finishes the job answers it.
+    reply_to: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+class Dispatch(_Strict, tag="io.mnemos.v1.dispatch", tag_field="type"):
+    """A work-queue message: the job as queued and the KV revision it was queued at.
+
+    The worker claims the job with a compare-and-set on ``revision``, so it needs no
+    read before starting.
+    """
+
+    record: JobRecord
+    revision: PositiveInt
+
+
+# ----------------------------------------------------------------------------- results
+
+
+class ResultChunk(_Strict, tag="io.mnemos.v1.result_chunk", tag_field="type"):
+    """A piece of streamed output on ``mnemos.results.<job_id>``."""
+
+    job_id: str
+    attempt: PositiveInt
+    seq: NonNegInt
+    text: str = ""
+    data: Any = None
+
+
+class ResultFinal(_Strict, tag="io.mnemos.v1.result_final", tag_field="type"):
+    """The last message of an attempt on ``mnemos.results.<job_id>``."""
+
+    job_id: str
+    attempt: NonNegInt
+    status: JobStatus
+    output: JobOutput | None = None
+    error: ErrorInfo | None = None
+
+
+ResultMessage = ResultChunk | ResultFinal
+
+
+# ----------------------------------------------------------------------------- workers
+
+
+class GPUInfo(_Strict):
+    index: NonNegInt
+    name: str
+    total_memory_mb: int
+    available_memory_mb: int
+    utilization_percent: float
+    uuid: str | None = None
+    temperature_celsius: float | None = None
+    power_watts: float | None = None
+
+
+class SystemResources(_Strict):
+    cpu_count: int
+    cpu_percent: float
+    memory_total_mb: int
+    memory_available_mb: int
+    disk_total_gb: float
+    disk_available_gb: float
+    process_rss_mb: float = 0.0
+    gpus: list[GPUInfo] = field(default_factory=list)
+
+
+WorkerStatus = Literal["initializing", "idle", "busy", "draining", "stopped", "error"]
+
+
+class WorkerRecord(_Strict, tag="io.mnemos.v1.worker", tag_field="type"):
+    """A worker as advertised in ``mnemos_workers`` and on its heartbeat subject."""
+
+    worker_id: str
+    hostname: str
+    version: str
+    status: WorkerStatus
+    runtimes: list[Runtime]
+    max_concurrent_jobs: PositiveInt
+    free_slots: NonNegInt
+    registered_at: datetime
+    last_heartbeat: datetime
+    current_jobs: list[str] = field(default_factory=list)
+    loaded_models: list[str] = field(default_factory=list)
+    resources: SystemResources | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    heartbeat_interval_s: float = 5.0
+    jobs_completed: NonNegInt = 0
+    jobs_failed: NonNegInt = 0
+
+
+class WorkerCommand(_Strict, tag="io.mnemos.v1.worker_command", tag_field="type"):
+    """Request on ``mnemos.worker.<id>.control``; the reply is the worker's record."""
+
+    command: Literal["status", "drain", "pause", "resume"]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class ModelFile(_Strict):
+    path: str
+    size: NonNegInt
+    sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+
+
+class ArtifactLocation(_Strict):
+    """Where a model's bytes live: the NATS object store (default) or S3."""
+
+    store: Literal["nats", "s3"]
+    bucket: str
+    prefix: str
+
+
+class ModelRecord(_Strict, tag="io.mnemos.v1.model", tag_field="type"):
+    """A registered model: the value stored under ``mnemos_models.<family>.<version>``."""
+
+    family: Family
+    version: Version
+    runtime: Runtime
+    artifact: ArtifactLocation
+    files: list[ModelFile]
+    total_size: NonNegInt
+    created_at: datetime
+    runtime_config: dict[str, Any] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
+    description: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.family}:{self.version}"
+
+
+# ----------------------------------------------------------------------------- API bodies
+
+
+class GetJob(_Strict):
+    job_id: Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class ListJobs(_Strict):
+    status: list[JobStatus] | None = None
+    model: str | None = None
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 50
+    #: Opaque cursor from a previous page (``next_cursor``).
+    cursor: str | None = None
+
+
+class JobList(_Strict, tag="io.mnemos.v1.job_list", tag_field="type"):
+    jobs: list[JobRecord]
+    next_cursor: str | None = None
+
+
+class CancelJob(_Strict):
+    job_id: Annotated[str, Meta(min_length=1, max_length=64)]
+    reason: str | None = None
+
+
+class RetryJob(_Strict):
+    job_id: Annotated[str, Meta(min_length=1, max_length=64)]
+
+
+class ListWorkers(_Strict):
+    runtime: Runtime | None = None
+
+
+class WorkerList(_Strict, tag="io.mnemos.v1.worker_list", tag_field="type"):
+    workers: list[WorkerRecord]
+
+
+class ListModels(_Strict):
+    runtime: Runtime | None = None
+
+
+class ModelList(_Strict, tag="io.mnemos.v1.model_list", tag_field="type"):
+    models: list[ModelRecord]
+
+
+class GetModel(_Strict):
+    #: ``family:version`` or an alias.
+    name: Annotated[str, Meta(min_length=1, max_length=160)]
+
+
+class ErrorReply(_Strict, tag="io.mnemos.v1.error", tag_field="type"):
+    """Body of every error reply (the micro error headers carry the same code)."""
+
+    error: ErrorInfo
+
+
+# ----------------------------------------------------------------------------- codec
+
+_encoder = msgspec.json.Encoder()
+T = TypeVar("T")
+
+
+def encode(msg: Any) -> bytes:
+    """Encode a message (or any JSON-able value) to JSON bytes."""
+    return _encoder.encode(msg)
+
+
+_decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
+
+
+def decode(data: bytes | str, type: type[T]) -> T:  # noqa: A002 - mirrors msgspec's own name
+    """Decode ``data`` strictly as ``type``; raise :class:`mnemos.errors.ValidationFailed`."""
+    from mnemos.errors import InvalidJSON, ValidationFailed
+
+    dec = _decoders.get(type)
+    if dec is None:
+        dec = _decoders[type] = msgspec.json.Decoder(type)
+    try:
+        return dec.decode(data)
+    except msgspec.ValidationError as e:
+        raise ValidationFailed(str(e)) from e
+    except msgspec.DecodeError as e:
+        raise InvalidJSON(f"malformed JSON: {e}") from e

@@ -1,0 +1,186 @@
+"""Every NATS subject, stream, consumer, bucket and header name MNEMOS uses.
+
+No other module writes a subject string by hand: they all ask a :class:`Names`.
+The prefix (``mnemos`` by default) is the namespace, so tests and tenants that
+share one NATS server stay apart (``t3f9a_jobs`` instead of ``mnemos_jobs``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = [
+    "Names",
+    "PRIORITIES",
+    "RUNTIMES",
+    "SERVICE_NAME",
+    "SERVICE_VERSION",
+    "HDR_MSG_ID",
+    "HDR_SERVICE_ERROR",
+    "HDR_SERVICE_ERROR_CODE",
+    "HDR_MSG_TTL",
+    "model_token",
+    "model_key",
+    "model_name",
+    "validate_prefix",
+]
+
+SERVICE_NAME = "mnemos-control-plane"
+SERVICE_VERSION = "0.1.0"
+
+#: Runtimes a job may name. A worker advertises the subset it can run.
+RUNTIMES: tuple[str, ...] = ("vllm", "transformers", "pytorch", "python")
+#: Priorities, lowest to highest. 10 is served first.
+PRIORITIES: tuple[int, ...] = tuple(range(1, 11))
+
+HDR_MSG_ID = "Nats-Msg-Id"
+HDR_MSG_TTL = "Nats-TTL"
+HDR_SERVICE_ERROR = "Nats-Service-Error"
+HDR_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+
+_PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` if it can name subjects, buckets and streams, else raise ValueError."""
+    if not _PREFIX_RE.match(prefix):
+        raise ValueError(
+            f"namespace {prefix!r} must be 1-32 chars of a-z, 0-9 and _, starting with a letter"
+        )
+    return prefix
+
+
+def model_key(family: str, version: str) -> str:
+    """KV key of a model record: ``<family>.<version>`` (readable with ``nats kv get``)."""
+    return f"{family}.{version}"
+
+
+def model_name(family: str, version: str) -> str:
+    """The user-facing model name, ``family:version``."""
+    return f"{family}:{version}"
+
+
+def model_token(family: str, version: str) -> str:
+    """One subject token for a model: ``family:version`` with the version's dots as ``_``.
+
+    Families have no ``:`` or ``.`` and versions have no ``_`` (see ``messages.ModelRef``),
+    so the token maps back to exactly one model.
+    """
+    return f"{family}:{version.replace('.', '_')}"
+
+
+@dataclass(frozen=True, slots=True)
+class Names:
+    """Names for one namespace."""
+
+    prefix: str = "mnemos"
+
+    def __post_init__(self) -> None:
+        validate_prefix(self.prefix)
+
+    # -- KV buckets and object store -------------------------------------------------
+    @property
+    def jobs_bucket(self) -> str:
+        return f"{self.prefix}_jobs"
+
+    @property
+    def workers_bucket(self) -> str:
+        return f"{self.prefix}_workers"
+
+    @property
+    def models_bucket(self) -> str:
+        return f"{self.prefix}_models"
+
+    @property
+    def idempotency_bucket(self) -> str:
+        return f"{self.prefix}_idempotency"
+
+    @property
+    def artifacts_bucket(self) -> str:
+        return f"{self.prefix}_artifacts"
+
+    # -- streams ---------------------------------------------------------------------
+    @property
+    def dispatch_stream(self) -> str:
+        return f"{self.prefix.upper()}_DISPATCH"
+
+    @property
+    def results_stream(self) -> str:
+        return f"{self.prefix.upper()}_RESULTS"
+
+    # -- dispatch ----------------------------------------------------------------------
+    @property
+    def dispatch_all(self) -> str:
+        return f"{self.prefix}.dispatch.>"
+
+    def dispatch_subject(self, runtime: str, priority: int, family: str, version: str) -> str:
+        return f"{self.prefix}.dispatch.{runtime}.{priority}.{model_token(family, version)}"
+
+    def dispatch_filter(self, runtime: str, priority: int | None = None) -> str:
+        """Filter for one runtime (all priorities) or one runtime and priority."""
+        if priority is None:
+            return f"{self.prefix}.dispatch.{runtime}.>"
+        return f"{self.prefix}.dispatch.{runtime}.{priority}.>"
+
+    def dispatch_consumer(self, runtime: str, priority: int) -> str:
+        """Durable pull consumer shared by every worker of ``runtime`` for one priority."""
+        return f"{self.prefix}-{runtime}-p{priority:02d}"
+
+    @staticmethod
+    def parse_dispatch_subject(subject: str) -> tuple[str, int]:
+        """``(runtime, priority)`` of a dispatch subject."""
+        parts = subject.split(".")
+        return parts[2], int(parts[3])
+
+    # -- results -----------------------------------------------------------------------
+    @property
+    def results_all(self) -> str:
+        return f"{self.prefix}.results.>"
+
+    def results_subject(self, job_id: str) -> str:
+        return f"{self.prefix}.results.{job_id}"
+
+    # -- core subjects -----------------------------------------------------------------
+    @property
+    def api_prefix(self) -> str:
+        return f"{self.prefix}.api"
+
+    def api_subject(self, endpoint: str) -> str:
+        """``mnemos.api.jobs.submit`` for endpoint ``jobs.submit``."""
+        return f"{self.prefix}.api.{endpoint}"
+
+    @property
+    def heartbeat_all(self) -> str:
+        return f"{self.prefix}.heartbeat.*"
+
+    def heartbeat_subject(self, worker_id: str) -> str:
+        return f"{self.prefix}.heartbeat.{worker_id}"
+
+    def cancel_subject(self, job_id: str) -> str:
+        return f"{self.prefix}.cancel.{job_id}"
+
+    @property
+    def cancel_all(self) -> str:
+        return f"{self.prefix}.cancel.*"
+
+    def worker_control_subject(self, worker_id: str) -> str:
+        return f"{self.prefix}.worker.{worker_id}.control"
+
+    @property
+    def api_queue_group(self) -> str:
+        return f"{self.prefix}-control-plane"
+
+    @property
+    def js_api_prefix(self) -> str:
+        return "$JS.API"
+
+    def kv_key_subject(self, bucket: str, key: str) -> str:
+        """Raw subject of a KV key (used to publish with per-message headers such as TTL)."""
+        return f"$KV.{bucket}.{key}"
+
+    def stream_info_subject(self, stream: str) -> str:
+        return f"$JS.API.STREAM.INFO.{stream}"
+
+    def consumer_next_subject(self, stream: str, consumer: str) -> str:
+        return f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{consumer}"

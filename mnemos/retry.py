@@ -1,0 +1,40 @@
+"""Retry decisions shared by workers and the control plane (the CORTEX seed's RetryHandler)."""
+
+from __future__ import annotations
+
+import random
+
+from mnemos.messages import ErrorInfo, JobSpec, RetryPolicy
+
+__all__ = ["DEFAULT_RETRY_POLICY", "policy_for", "should_retry", "retry_delay"]
+
+#: Used when a job names no ``retry_config``: retryable errors get two more tries.
+DEFAULT_RETRY_POLICY = RetryPolicy(
+    strategy="exponential", max_retries=2, initial_delay_seconds=1.0, max_delay_seconds=60.0
+)
+
+
+def policy_for(spec: JobSpec) -> RetryPolicy:
+    return spec.retry_config or DEFAULT_RETRY_POLICY
+
+
+def should_retry(policy: RetryPolicy, attempt: int, error: ErrorInfo) -> bool:
+    """Whether attempt number ``attempt`` (1-based, just failed with ``error``) gets another."""
+    if not error.retryable or attempt > policy.max_retries:
+        return False
+    return policy.retry_on_errors is None or error.code in policy.retry_on_errors
+
+
+def retry_delay(policy: RetryPolicy, attempt: int) -> float:
+    """Seconds to wait before attempt ``attempt + 1``."""
+    base = policy.initial_delay_seconds
+    if policy.strategy == "exponential":
+        delay = base * policy.backoff_multiplier ** (attempt - 1)
+    elif policy.strategy == "linear":
+        delay = base * attempt
+    else:
+        delay = base
+    delay = min(delay, policy.max_delay_seconds)
+    if policy.jitter:
+        delay = random.uniform(delay / 2, delay)
+    return delay

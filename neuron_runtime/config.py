@@ -1,0 +1,71 @@
+"""Worker settings (``MNEMOS_WORKER_*``), read once by the CLI and passed in."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from mnemos.names import RUNTIMES
+
+__all__ = ["WorkerSettings", "default_worker_id"]
+
+
+def default_worker_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "worker"
+    return f"{host}-{os.urandom(3).hex()}"
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MNEMOS_WORKER_", extra="ignore", frozen=True)
+
+    worker_id: str = Field(default_factory=default_worker_id, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    #: Runtimes to serve; empty means every runtime that can run here.
+    runtimes: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    max_concurrent_jobs: int = Field(default=4, ge=1, le=4096)
+    heartbeat_interval_s: float = Field(default=5.0, ge=1.0, le=300)
+    #: JetStream ack wait; running jobs send "in progress" every third of it.
+    ack_wait_s: float = Field(default=30.0, ge=3.0)
+    #: With nothing queued the worker waits for the dispatch doorbell; this is only the
+    #: safety-net re-check (after reconnects), not a poll interval.
+    idle_recheck_s: float = Field(default=10.0, gt=0)
+    cache_dir: Path = Field(default=Path.home() / ".cache" / "mnemos" / "models")
+    cache_budget_gb: float = Field(default=50.0, gt=0)
+    max_loaded_models: int = Field(default=2, ge=1)
+    model_memory_budget_mb: float | None = Field(default=None, gt=0)
+    model_load_timeout_s: float = Field(default=600.0, gt=0)
+    drain_timeout_s: float = Field(default=60.0, ge=0)
+    #: Recycling (Neutrino's rule): drain and exit after this many jobs / this RSS / this age.
+    max_jobs: int | None = Field(default=None, ge=1)
+    max_rss_mb: float | None = Field(default=None, gt=0)
+    max_lifetime_s: float | None = Field(default=None, gt=0)
+    tags: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    version: str = "0.1.0"
+
+    @field_validator("runtimes", mode="before")
+    @classmethod
+    def _split_runtimes(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [r.strip() for r in v.split(",") if r.strip()]
+        for r in v:
+            if r not in RUNTIMES:
+                raise ValueError(f"unknown runtime {r!r}; known: {', '.join(RUNTIMES)}")
+        return v
+
+    @field_validator("tags", mode="before")
+    @classmethod
+    def _split_tags(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            pairs = [p.split("=", 1) for p in v.split(",") if "=" in p]
+            return {k.strip(): val.strip() for k, val in pairs}
+        return v
+
+    @property
+    def heartbeat_ttl_s(self) -> int:
+        """A worker record expires after three missed heartbeats."""
+        return max(1, int(3 * self.heartbeat_interval_s + 0.999))

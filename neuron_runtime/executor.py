@@ -1,0 +1,466 @@
+"""Running one dispatch message: claim -> load -> run -> stream -> record -> reply -> ack.
+
+Every write to the job record is a compare-and-set on the revision this worker last saw.
+The claim uses the revision carried in the dispatch message, so a warm job costs two KV
+writes (claim, result) and no read. When a write loses (the control plane cancelled the
+job, another worker took over a redelivered message, or a duplicate delivery already
+finished), the executor re-reads the record and decides from what it finds; it never
+overwrites a terminal state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from mnemos.errors import (
+    Conflict,
+    ExecutionError,
+    JobCancelled,
+    JobTimeout,
+    MnemosError,
+    ValidationFailed,
+    WorkerLost,
+)
+from mnemos.jobstore import JobStore
+from mnemos.messages import (
+    ACTIVE_STATUSES,
+    Attempt,
+    Dispatch,
+    ErrorInfo,
+    JobOutput,
+    JobRecord,
+    Phase,
+    ResultChunk,
+    ResultFinal,
+    Timings,
+    decode,
+    encode,
+    utcnow,
+)
+from mnemos.names import Names
+from mnemos.retry import policy_for, retry_delay, should_retry
+from neuron_runtime.pool import ModelPool, pool_key
+from neuron_runtime.runtimes.base import ExecutionContext
+
+__all__ = ["Executor", "Execution"]
+
+log = logging.getLogger("mnemos.executor")
+
+#: How long a stopped (cancelled / timed-out) execution gets to wind down.
+_STOP_GRACE_S = 5.0
+#: Attempt outcomes that count against a job's retry budget ("handed_back" does not).
+_FAILED_OUTCOMES = frozenset({"failed", "timeout", "lost"})
+
+
+@dataclass
+class Execution:
+    """One job attempt held by this worker."""
+
+    msg: Msg
+    record: JobRecord
+    revision: int
+    ctx: ExecutionContext | None = None
+    cancel_requested: bool = False
+    stream: "_ChunkStream | None" = None
+    streaming_write: asyncio.Task[None] | None = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def job_id(self) -> str:
+        return self.record.job_id
+
+
+class _ChunkStream:
+    """Publishes an execution's chunks to ``mnemos.results.<job_id>`` in order, never blocking."""
+
+    def __init__(self, nc: NATS, subject: str, job_id: str, attempt: int) -> None:
+        self._js = nc.jetstream()
+        self._subject = subject
+        self._job_id = job_id
+        self._attempt = attempt
+        self._queue: asyncio.Queue[ResultChunk | None] = asyncio.Queue()
+        self._acks: list[asyncio.Future[Any]] = []
+        self._seq = 0
+        self._task = asyncio.create_task(self._pump(), name=f"chunks-{job_id}")
+
+    def emit(self, text: str, data: Any) -> None:
+        self._queue.put_nowait(
+            ResultChunk(job_id=self._job_id, attempt=self._attempt, seq=self._seq, text=text, data=data)
+        )
+        self._seq += 1
+
+    async def _pump(self) -> None:
+        while (chunk := await self._queue.get()) is not None:
+            self._acks.append(await self._js.publish_async(self._subject, encode(chunk)))
+
+    async def close(self) -> None:
+        """Wait until every chunk is stored (so the final message comes after them)."""
+        self._queue.put_nowait(None)
+        await self._task
+        if self._acks:
+            await asyncio.wait_for(asyncio.gather(*self._acks), timeout=30.0)
+
+
+class Executor:
+    """Runs jobs for one worker and counts what happened."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        names: Names,
+        jobs: JobStore,
+        pool: ModelPool,
+        worker_id: str,
+        *,
+        on_finished: Callable[[JobRecord], None] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.names = names
+        self.jobs = jobs
+        self.pool = pool
+        self.worker_id = worker_id
+        self.on_finished = on_finished
+        self.running: dict[str, Execution] = {}
+        self.completed = 0
+        self.failed = 0
+        self.duplicates = 0
+
+    # ------------------------------------------------------------------ entry points
+
+    async def handle(self, msg: Msg) -> None:
+        """Run one dispatch message to the end. Never raises (errors are recorded or logged)."""
+        try:
+            dispatch = decode(msg.data, Dispatch)
+        except ValidationFailed as e:
+            log.error("terminating malformed dispatch message %s: %s", msg.subject, e)
+            await msg.term()
+            return
+        job_id = dispatch.record.job_id
+        held = self.running.get(job_id)
+        if held is not None:
+            # Redelivered to us while we still run it: the newer delivery is the one to ack.
+            held.msg = msg
+            return
+        ex = Execution(msg=msg, record=dispatch.record, revision=dispatch.revision)
+        self.running[job_id] = ex
+        try:
+            await self._execute(ex)
+        except Exception:
+            log.exception("job %s: unexpected executor failure; leaving it for redelivery", job_id)
+        finally:
+            self.running.pop(job_id, None)
+
+    def cancel(self, job_id: str) -> bool:
+        """Stop the execution of ``job_id`` if it runs here (a ``mnemos.cancel.<id>`` signal)."""
+        ex = self.running.get(job_id)
+        if ex is None:
+            return False
+        ex.cancel_requested = True
+        if ex.ctx is not None:
+            ex.ctx.cancel()
+        return True
+
+    async def touch_all(self) -> None:
+        """Tell JetStream every running job is in progress (resets its ack wait)."""
+        for ex in list(self.running.values()):
+            try:
+                await ex.msg.in_progress()
+            except Exception as e:
+                log.warning("in_progress for %s failed: %r", ex.job_id, e)
+
+    # ------------------------------------------------------------------ the job
+
+    async def _execute(self, ex: Execution) -> None:
+        spec = ex.record.spec
+        key = pool_key(ex.record.runtime, spec.model.family, spec.model.version, spec.model.runtime_config)
+        warm = self.pool.is_loaded(key)
+        if not await self._claim(ex, warm):
+            return
+        attempt = ex.record.attempt
+        ctx = ExecutionContext(job_id=ex.job_id, attempt=attempt, spec=spec)
+        ex.ctx = ctx
+        if ex.cancel_requested:
+            ctx.cancel()
+        output: JobOutput | None = None
+        error: MnemosError | None = None
+        status = "completed"
+        load_ms: float | None = None
+        cache_hit: bool | None = None
+        disk_hit: bool | None = None
+        run_ms: float | None = None
+        try:
+            async with self.pool.use(key) as (model, info):
+                cache_hit, load_ms, disk_hit = info.hit, info.load_ms, info.disk_hit
+                if not info.hit:
+                    await self._write(ex, lambda r: self._phase(r, "running"))
+                if ex.record.status == "cancelling":
+                    ctx.cancel()
+                ctx.sink = self._sink(ex)
+                ctx.started = time.perf_counter()
+                try:
+                    output = await self._run(ex, model, ctx)
+                finally:
+                    run_ms = (time.perf_counter() - ctx.started) * 1000.0
+        except JobCancelled as e:
+            status, error = "cancelled", e
+        except JobTimeout as e:
+            status, error = "timeout", e
+        except MnemosError as e:
+            status, error = "failed", e
+        except Exception as e:
+            status, error = "failed", ExecutionError(f"{type(e).__name__}: {e}")
+        if ex.stream is not None:
+            await ex.stream.close()
+        if ex.streaming_write is not None:
+            await ex.streaming_write
+        timings = Timings(
+            queue_ms=ex.record.timings.queue_ms,
+            load_ms=round(load_ms, 3) if load_ms is not None else None,
+            first_token_ms=round(ctx.first_token_ms, 3) if ctx.first_token_ms is not None else None,
+            run_ms=round(run_ms, 3) if run_ms is not None else None,
+            cache_hit=cache_hit,
+            disk_cache_hit=disk_hit,
+        )
+        if output is not None:
+            output.metrics.setdefault("run_ms", timings.run_ms or 0.0)
+            if timings.first_token_ms is not None:
+                output.metrics.setdefault("first_token_ms", timings.first_token_ms)
+        await self._conclude(ex, status, output, error.info() if error else None, timings)
+
+    async def _run(self, ex: Execution, model: Any, ctx: ExecutionContext) -> JobOutput:
+        """Run until done, cancelled or timed out; stop the engine's request on the latter two."""
+        if ctx.cancelled.is_set():
+            raise JobCancelled("cancelled before it started")
+        run = asyncio.create_task(model.run(ctx), name=f"run-{ex.job_id}")
+        stop = asyncio.create_task(ctx.cancelled.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {run, stop}, timeout=ex.record.spec.timeout_seconds, return_when=asyncio.FIRST_COMPLETED
+            )
+        except asyncio.CancelledError:
+            run.cancel()
+            stop.cancel()
+            raise
+        if run in done:
+            stop.cancel()
+            return run.result()  # type: ignore[no-any-return]
+        stop.cancel()
+        reason: MnemosError = (
+            JobCancelled((ex.record.error.message if ex.record.error else None) or "cancelled by request")
+            if ctx.cancelled.is_set()
+            else JobTimeout(f"job exceeded its timeout of {ex.record.spec.timeout_seconds:g}s")
+        )
+        ctx.cancel()
+        try:
+            await asyncio.wait_for(model.abort(ctx), timeout=_STOP_GRACE_S)
+        except Exception as e:
+            log.warning("job %s: abort failed: %r", ex.job_id, e)
+        run.cancel()
+        await asyncio.wait({run}, timeout=_STOP_GRACE_S)
+        if run.done() and not run.cancelled():
+            run.exception()  # retrieved: the stop reason is what counts
+        raise reason
+
+    def _sink(self, ex: Execution) -> Callable[[str, Any], None]:
+        def sink(text: str, data: Any) -> None:
+            if ex.stream is None:
+                ex.stream = _ChunkStream(self.nc, self.names.results_subject(ex.job_id), ex.job_id,
+                                         ex.record.attempt)
+                ex.streaming_write = asyncio.create_task(self._mark_streaming(ex))
+            ex.stream.emit(text, data)
+
+        return sink
+
+    async def _mark_streaming(self, ex: Execution) -> None:
+        try:
+            await self._write(ex, lambda r: self._phase(r, "streaming"))
+        except MnemosError as e:
+            log.warning("job %s: could not record streaming: %r", ex.job_id, e)
+
+    # ------------------------------------------------------------------ record writes
+
+    def _mine(self, rec: JobRecord, attempt: int) -> bool:
+        return rec.worker_id == self.worker_id and rec.attempt == attempt and not rec.terminal
+
+    def _phase(self, rec: JobRecord, phase: str) -> JobRecord | None:
+        if rec.status not in ACTIVE_STATUSES or rec.worker_id != self.worker_id:
+            return None
+        rec.status = phase  # type: ignore[assignment]
+        rec.attempts[-1].phases.append(Phase(name=phase, at=utcnow()))
+        return rec
+
+    async def _write(self, ex: Execution, change: Callable[[JobRecord], JobRecord | None]) -> bool:
+        """Compare-and-set ``change`` onto the record; on conflict re-read and re-apply.
+
+        Returns False (and leaves the current record in ``ex``) when ``change`` declines.
+        """
+        async with ex.lock:
+            rec = ex.record
+            for _ in range(20):
+                new = change(rec)
+                if new is None:
+                    ex.record = rec
+                    return False
+                new.updated_at = utcnow()
+                try:
+                    ex.revision = await self.jobs.update(new, ex.revision)
+                    ex.record = new
+                    return True
+                except Conflict:
+                    rec, ex.revision = await self.jobs.get(ex.job_id)
+            raise Conflict(f"job {ex.job_id} kept changing under worker {self.worker_id}")
+
+    async def _claim(self, ex: Execution, warm: bool) -> bool:
+        """Take the job for a new attempt; False if it is not ours to run (then acked)."""
+        first_status = "running" if warm else "loading_model"
+        cancelled_on_arrival = False
+
+        def claim(rec: JobRecord) -> JobRecord | None:
+            nonlocal cancelled_on_arrival
+            if rec.terminal:
+                return None
+            now = utcnow()
+            if rec.attempts and rec.attempts[-1].ended_at is None:
+                # We hold the message, so whoever ran the previous attempt lost it.
+                lost = rec.attempts[-1]
+                lost.ended_at = now
+                lost.outcome = "lost"
+                lost.error = WorkerLost(f"worker {lost.worker_id} stopped acknowledging the job").info()
+            if rec.status == "cancelling":
+                cancelled_on_arrival = True
+                rec.status = "cancelled"
+                return rec
+            queued_at = rec.updated_at
+            rec.attempt += 1
+            rec.attempts.append(
+                Attempt(
+                    attempt=rec.attempt,
+                    worker_id=self.worker_id,
+                    started_at=now,
+                    phases=[Phase(name="acquired", at=now), Phase(name=first_status, at=now)],
+                )
+            )
+            rec.status = first_status  # type: ignore[assignment]
+            rec.worker_id = self.worker_id
+            rec.timings = Timings(queue_ms=round((now - queued_at).total_seconds() * 1000.0, 3))
+            rec.output = None
+            rec.error = None
+            return rec
+
+        took = await self._write(ex, claim)
+        if not took or cancelled_on_arrival:
+            if ex.record.terminal:
+                log.debug("job %s is already %s; dropping its message", ex.job_id, ex.record.status)
+                if cancelled_on_arrival:
+                    await self._announce(ex)
+                await ex.msg.ack()
+            return False
+        log.debug("job %s attempt %d claimed (%s)", ex.job_id, ex.record.attempt, first_status)
+        return True
+
+    async def _conclude(
+        self,
+        ex: Execution,
+        status: str,
+        output: JobOutput | None,
+        error: ErrorInfo | None,
+        timings: Timings,
+    ) -> None:
+        attempt = ex.record.attempt
+        now = utcnow()
+        retry_in: float | None = None
+        if status in ("failed", "timeout") and error is not None:
+            policy = policy_for(ex.record.spec)
+            failures = 1 + sum(1 for a in ex.record.attempts if a.outcome in _FAILED_OUTCOMES)
+            if should_retry(policy, failures, error):
+                retry_in = retry_delay(policy, failures)
+        lost_race = False
+
+        def finish(rec: JobRecord) -> JobRecord | None:
+            nonlocal lost_race
+            if not self._mine(rec, attempt):
+                lost_race = True
+                return None
+            final = "retrying" if retry_in is not None else status
+            rec.status = final  # type: ignore[assignment]
+            rec.output = output
+            rec.error = error
+            rec.timings = timings
+            timings.total_ms = round((now - rec.created_at).total_seconds() * 1000.0, 3)
+            current = rec.attempts[-1]
+            current.ended_at = now
+            current.outcome = status
+            current.error = error
+            current.phases.append(Phase(name=status, at=now))
+            return rec
+
+        await self._write(ex, finish)
+        if lost_race:
+            self.duplicates += 1
+            log.warning(
+                "job %s: attempt %d finished here but the record moved on (%s by %s); result dropped",
+                ex.job_id, attempt, ex.record.status, ex.record.worker_id,
+            )
+            if ex.record.terminal:
+                await ex.msg.ack()
+            return
+        record = ex.record
+        log.info(
+            "job %s %s (attempt %d, run %.1f ms%s)",
+            record.job_id, record.status, attempt, timings.run_ms or 0.0,
+            f", retry in {retry_in:.2f}s" if retry_in is not None else "",
+        )
+        await self._announce(ex)
+        if retry_in is not None:
+            await ex.msg.nak(delay=retry_in)
+            return
+        if record.status == "completed":
+            self.completed += 1
+        else:
+            self.failed += 1
+        await ex.msg.ack()
+        if self.on_finished is not None:
+            self.on_finished(record)
+
+    async def _announce(self, ex: Execution) -> None:
+        """Answer a waiting ``jobs.run`` and write the attempt's final result message."""
+        record = ex.record
+        if record.reply_to and record.terminal:
+            await self.nc.publish(record.reply_to, encode(record))
+        final = ResultFinal(
+            job_id=record.job_id,
+            attempt=record.attempt,
+            status=record.status,
+            output=record.output,
+            error=record.error,
+        )
+        await self.js.publish(self.names.results_subject(record.job_id), encode(final))
+
+    async def hand_back(self, ex: Execution) -> None:
+        """Give a job back to the queue at once (drain timeout): not a failed attempt."""
+        attempt = ex.record.attempt
+
+        def release(rec: JobRecord) -> JobRecord | None:
+            if not self._mine(rec, attempt):
+                return None
+            now = utcnow()
+            rec.status = "queued"
+            handed = rec.attempts[-1]
+            handed.ended_at = now
+            handed.outcome = "handed_back"
+            handed.phases.append(Phase(name="handed_back", at=now))
+            return rec
+
+        try:
+            await self._write(ex, release)
+        finally:
+            await ex.msg.nak()

@@ -1,0 +1,239 @@
+"""Pulling dispatch messages highest priority first, with no polling when idle.
+
+Layout: one durable pull consumer per (runtime, priority), shared by every worker of that
+runtime (work-queue streams allow exactly one consumer per filter). ``fetch()`` would
+return messages in stream order, so priority is the worker's job:
+
+- **Sweep** (a slot is free): one ``STREAM.INFO`` with ``subjects_filter`` gives the count
+  queued per subject; the worker then pulls ``no_wait`` from the non-empty levels from
+  priority 10 down until its free slots are used. Two round trips pick the right job.
+- **Doorbell** (nothing queued): the worker holds a plain core subscription on
+  ``mnemos.dispatch.<runtime>.>``; a new job's publish rings it at once, and the worker
+  pulls that level with a short wait (the doorbell can arrive a hair before the stream has
+  stored the message). Because the subscription exists before the sweep, no job that
+  arrives between a sweep and the wait can be missed.
+
+Pull requests are raw ``$JS.API.CONSUMER.MSG.NEXT`` requests on one inbox, so a request
+never asks for more messages than the worker has free slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js import api as jsapi
+from nats.js.errors import BadRequestError
+
+from mnemos.names import PRIORITIES, Names
+
+__all__ = ["PriorityPuller", "Doorbell"]
+
+log = logging.getLogger("mnemos.puller")
+
+Level = tuple[str, int]  # (runtime, priority)
+
+
+@dataclass
+class _Pull:
+    batch: int
+    done: asyncio.Future[int]
+    received: int = 0
+
+
+@dataclass
+class Doorbell:
+    """Levels that saw a new job since the last :meth:`take`, and an event to wait on."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    levels: set[Level] = field(default_factory=set)
+
+    def ring(self, level: Level) -> None:
+        self.levels.add(level)
+        self.event.set()
+
+    def take(self) -> set[Level]:
+        levels, self.levels = self.levels, set()
+        self.event.clear()
+        return levels
+
+
+class PriorityPuller:
+    """Delivers dispatch messages to ``on_message`` and never more than it asked for."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        names: Names,
+        runtimes: list[str],
+        on_message: Callable[[Msg], None],
+        *,
+        ack_wait_s: float = 30.0,
+        max_deliver: int = -1,
+    ) -> None:
+        self.nc = nc
+        self.names = names
+        self.runtimes = list(runtimes)
+        self.on_message = on_message
+        self.ack_wait_s = ack_wait_s
+        self.max_deliver = max_deliver
+        self.doorbell = Doorbell()
+        self._ids = itertools.count(1)
+        self._pulls: dict[str, _Pull] = {}
+        self._inbox = ""
+        self._subs: list[Subscription] = []
+        self._info_subject = names.stream_info_subject(names.dispatch_stream)
+
+    async def start(self) -> None:
+        """Create the consumers (idempotent), the pull inbox and the doorbells."""
+        js = self.nc.jetstream()
+        for runtime in self.runtimes:
+            for priority in PRIORITIES:
+                await self._ensure_consumer(js, runtime, priority)
+        self._inbox = self.nc.new_inbox()
+        self._subs.append(await self.nc.subscribe(self._inbox + ".*", cb=self._on_inbox))
+        for runtime in self.runtimes:
+            self._subs.append(
+                await self.nc.subscribe(self.names.dispatch_filter(runtime), cb=self._on_doorbell)
+            )
+        await self.nc.flush()
+
+    async def stop(self) -> None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            await sub.unsubscribe()
+        for pull in self._pulls.values():
+            if not pull.done.done():
+                pull.done.set_result(pull.received)
+
+    async def _ensure_consumer(self, js: object, runtime: str, priority: int) -> None:
+        name = self.names.dispatch_consumer(runtime, priority)
+        config = jsapi.ConsumerConfig(
+            durable_name=name,
+            name=name,
+            description=f"MNEMOS {runtime} jobs at priority {priority}",
+            filter_subject=self.names.dispatch_filter(runtime, priority),
+            ack_policy=jsapi.AckPolicy.EXPLICIT,
+            deliver_policy=jsapi.DeliverPolicy.ALL,
+            ack_wait=self.ack_wait_s,
+            max_deliver=self.max_deliver,
+            max_ack_pending=-1,
+            max_waiting=4096,
+        )
+        try:
+            await js.add_consumer(self.names.dispatch_stream, config)  # type: ignore[attr-defined]
+        except BadRequestError as e:
+            if e.err_code != 10148:  # exists with another config: keep the operator's
+                raise
+            log.warning("consumer %s exists with a different configuration; using it as is", name)
+
+    # ------------------------------------------------------------------ inbound
+
+    def _on_doorbell_level(self, subject: str) -> Level:
+        return Names.parse_dispatch_subject(subject)
+
+    async def _on_doorbell(self, msg: Msg) -> None:
+        try:
+            self.doorbell.ring(self._on_doorbell_level(msg.subject))
+        except (IndexError, ValueError):
+            log.warning("ignoring dispatch doorbell on malformed subject %s", msg.subject)
+
+    async def _on_inbox(self, msg: Msg) -> None:
+        rid = msg.subject.rpartition(".")[2]
+        pull = self._pulls.get(rid)
+        status = msg.headers.get("Status") if msg.headers else None
+        if status is not None and not msg.data and msg.reply == "":
+            if status == "100":  # idle heartbeat
+                return
+            if status not in ("404", "408"):
+                log.debug("pull %s ended with status %s %s", rid, status, msg.headers)
+            if pull is not None and not pull.done.done():
+                pull.done.set_result(pull.received)
+            return
+        # A job. It may belong to a pull we stopped waiting for: it is still ours to run.
+        self.on_message(msg)
+        if pull is not None:
+            pull.received += 1
+            if pull.received >= pull.batch and not pull.done.done():
+                pull.done.set_result(pull.received)
+
+    # ------------------------------------------------------------------ pulling
+
+    async def pull(self, level: Level, batch: int, wait_s: float | None = None) -> int:
+        """Ask one consumer for up to ``batch`` jobs; how many arrived.
+
+        ``wait_s=None`` answers at once (``no_wait``); otherwise the server holds the
+        request open up to ``wait_s`` and delivers jobs as they arrive.
+        """
+        if batch <= 0:
+            return 0
+        runtime, priority = level
+        rid = str(next(self._ids))
+        pull = _Pull(batch=batch, done=asyncio.get_running_loop().create_future())
+        self._pulls[rid] = pull
+        body: dict[str, object] = {"batch": batch}
+        if wait_s is None:
+            body["no_wait"] = True
+        else:
+            body["expires"] = int(wait_s * 1e9)
+        try:
+            await self.nc.publish(
+                self.names.consumer_next_subject(
+                    self.names.dispatch_stream, self.names.dispatch_consumer(runtime, priority)
+                ),
+                msgspec.json.encode(body),
+                reply=f"{self._inbox}.{rid}",
+            )
+            try:
+                return await asyncio.wait_for(asyncio.shield(pull.done), timeout=(wait_s or 0.0) + 5.0)
+            except TimeoutError:
+                log.warning("pull on %s p%d got no answer; continuing", runtime, priority)
+                return pull.received
+        finally:
+            self._pulls.pop(rid, None)
+
+    async def queued(self) -> dict[Level, int]:
+        """Messages in the stream per (runtime, priority) (including ones being worked on)."""
+        body = msgspec.json.encode({"subjects_filter": self.names.dispatch_all})
+        reply = await self.nc.request(self._info_subject, body, timeout=5.0)
+        info = msgspec.json.decode(reply.data)
+        counts: dict[Level, int] = {}
+        subjects = (info.get("state") or {}).get("subjects") or {}
+        wanted = set(self.runtimes)
+        for subject, n in subjects.items():
+            try:
+                level = Names.parse_dispatch_subject(subject)
+            except (IndexError, ValueError):
+                continue
+            if level[0] in wanted:
+                counts[level] = counts.get(level, 0) + int(n)
+        return counts
+
+    async def sweep(self, free: int, hinted: set[Level] | None = None) -> int:
+        """Fill up to ``free`` slots, highest priority first; how many jobs arrived.
+
+        ``hinted`` levels rang the doorbell: if the stream does not show their job yet,
+        they get a short waiting pull instead of being skipped.
+        """
+        if free <= 0:
+            return 0
+        hinted = hinted or set()
+        counts = await self.queued()
+        taken = 0
+        for priority in reversed(PRIORITIES):
+            for runtime in self.runtimes:
+                level = (runtime, priority)
+                n = counts.get(level, 0)
+                if n == 0 and level not in hinted:
+                    continue
+                taken += await self.pull(level, free - taken, None if n > 0 else 0.05)
+                if taken >= free:
+                    return taken
+        return taken

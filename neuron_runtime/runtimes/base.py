@@ -1,0 +1,100 @@
+"""The interface every runtime implements, and the context a job runs in.
+
+A :class:`Runtime` turns a model directory (already downloaded and sha256-verified by the
+disk cache) into a :class:`LoadedModel`; the worker keeps loaded models in an LRU and calls
+:meth:`LoadedModel.run` once per job with an :class:`ExecutionContext`.
+
+Contract for ``run``:
+- stream output with ``ctx.emit(text)`` as it is produced (never blocks: the worker
+  publishes asynchronously, in order);
+- stop promptly when ``ctx.cancelled`` is set (it is set on cancel and on timeout) - for
+  work in a thread, poll ``ctx.cancel_flag`` (a ``threading.Event``);
+- return a :class:`~mnemos.messages.JobOutput` (``metadata`` carries token counts and
+  ``finish_reason`` for text runtimes);
+- raise a :class:`mnemos.errors.MnemosError` subclass for a known failure; anything else
+  is recorded as ``execution_error``.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from mnemos.messages import JobOutput, JobSpec, ModelRecord
+
+__all__ = ["ExecutionContext", "LoadedModel", "Runtime"]
+
+
+@dataclass
+class ExecutionContext:
+    """What a runtime sees of one job attempt."""
+
+    job_id: str
+    attempt: int
+    spec: JobSpec
+    #: Called with (text, data) for every streamed chunk; set by the worker.
+    sink: Callable[[str, Any], None] = field(default=lambda text, data: None)
+    cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    cancel_flag: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.perf_counter)
+    first_chunk_at: float | None = None
+    chunks: int = 0
+
+    def emit(self, text: str, data: Any = None) -> None:
+        """Stream one chunk of output. Safe to call from the event loop thread only."""
+        if self.first_chunk_at is None:
+            self.first_chunk_at = time.perf_counter()
+        self.chunks += 1
+        self.sink(text, data)
+
+    def cancel(self) -> None:
+        """Ask the runtime to stop this execution (cancel or timeout)."""
+        self.cancel_flag.set()
+        self.cancelled.set()
+
+    @property
+    def first_token_ms(self) -> float | None:
+        if self.first_chunk_at is None:
+            return None
+        return (self.first_chunk_at - self.started) * 1000.0
+
+
+class LoadedModel(abc.ABC):
+    """A model in memory, ready to run jobs."""
+
+    #: Bytes of (GPU or host) memory the model holds, for the memory LRU.
+    memory_bytes: int = 0
+    #: How many jobs may run on this model at once (vLLM batches; a CPU model runs one).
+    max_concurrency: int = 1
+
+    @abc.abstractmethod
+    async def run(self, ctx: ExecutionContext) -> JobOutput:
+        """Run one job; see the module docstring for the contract."""
+
+    async def abort(self, ctx: ExecutionContext) -> None:
+        """Stop ``ctx``'s execution inside the engine (vLLM: ``abort(request_id)``)."""
+        ctx.cancel()
+
+    async def unload(self) -> None:
+        """Free the model's memory. Called once, when evicted or at shutdown."""
+
+
+class Runtime(abc.ABC):
+    """Loads models of one kind (``name`` is the job's ``model.runtime``)."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this runtime can run here (its libraries import, its device exists)."""
+        return True
+
+    @abc.abstractmethod
+    async def load(self, model: ModelRecord, model_dir: Path, config: Any) -> LoadedModel:
+        """Load ``model`` from ``model_dir`` with the parsed runtime ``config``."""

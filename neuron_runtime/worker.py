@@ -1,0 +1,357 @@
+"""The worker (NEURON): register -> heartbeat -> pull by priority -> run -> drain.
+
+Shutdown order (``drain``): stop pulling -> wait up to ``drain_timeout_s`` for in-flight
+jobs -> hand the rest back to the queue (nak: another worker takes them at once, and it is
+not counted as a failed attempt) -> deregister -> unload models -> re-raise the first
+fatal background error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from mnemos.catalog import ModelCatalog
+from mnemos.config import NatsSettings
+from mnemos.errors import MnemosError, ValidationFailed
+from mnemos.jobstore import JobStore
+from mnemos.layout import Layout, ensure_layout
+from mnemos.messages import JobRecord, WorkerCommand, WorkerRecord, decode, encode, utcnow
+from neuron_runtime.cache import DiskCache
+from neuron_runtime.config import WorkerSettings
+from neuron_runtime.executor import Executor
+from neuron_runtime.pool import ModelPool
+from neuron_runtime.puller import PriorityPuller
+from neuron_runtime.resources import ResourceMonitor
+from neuron_runtime.runtimes import RUNTIME_CLASSES
+from neuron_runtime.runtimes.base import Runtime
+from registry.config import RegistrySettings
+from registry.store import open_store
+
+__all__ = ["Worker"]
+
+log = logging.getLogger("mnemos.worker")
+
+
+class Worker:
+    """One worker process's job machinery. ``async with Worker(...)`` then ``await drain()``."""
+
+    def __init__(
+        self,
+        nc: NATS,
+        nats_settings: NatsSettings,
+        settings: WorkerSettings,
+        registry_settings: RegistrySettings | None = None,
+        runtimes: dict[str, Runtime] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.names = nats_settings.names
+        self.nats_settings = nats_settings
+        self.settings = settings
+        self.registry_settings = registry_settings or RegistrySettings()
+        self.worker_id = settings.worker_id
+        self.runtimes = runtimes if runtimes is not None else self._default_runtimes(settings)
+        if not self.runtimes:
+            raise ValidationFailed("this worker has no runtime that can run here")
+        self.monitor = ResourceMonitor(settings.cache_dir)
+        self.layout: Layout | None = None
+        self.catalog: ModelCatalog | None = None
+        self.pool: ModelPool | None = None
+        self.executor: Executor | None = None
+        self.puller: PriorityPuller | None = None
+        self.registered_at = utcnow()
+        self.started_monotonic = time.monotonic()
+        #: Set when the worker wants its process to exit (recycling or a drain command).
+        self.exit_requested = asyncio.Event()
+        self.exit_reason = ""
+        self._status = "initializing"
+        self._paused = False
+        self._draining = False
+        self._active = 0
+        self._slot_freed = asyncio.Event()
+        self._jobs: set[asyncio.Task[None]] = set()
+        self._background: dict[str, asyncio.Task[None]] = {}
+        self._subs: list[Subscription] = []
+        self._fatal: BaseException | None = None
+        self._started = False
+        self._stopped = False
+
+    @staticmethod
+    def _default_runtimes(settings: WorkerSettings) -> dict[str, Runtime]:
+        names = settings.runtimes or [n for n, cls in RUNTIME_CLASSES.items() if cls.available()]
+        out: dict[str, Runtime] = {}
+        for name in names:
+            cls = RUNTIME_CLASSES[name]
+            if not cls.available():
+                raise ValidationFailed(f"runtime {name!r} cannot run on this machine")
+            out[name] = cls()
+        return out
+
+    @property
+    def free_slots(self) -> int:
+        return max(0, self.settings.max_concurrent_jobs - self._active)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        s = self.settings
+        self.layout = await ensure_layout(self.js, self.names)
+        self.catalog = ModelCatalog(self.layout.models)
+        await self.catalog.start()
+        disk = DiskCache(
+            s.cache_dir,
+            int(s.cache_budget_gb * 2**30),
+            open_store=lambda location: open_store(location, self.js, self.registry_settings),
+        )
+        self.pool = ModelPool(
+            self.runtimes,
+            disk,
+            self.catalog,
+            max_models=s.max_loaded_models,
+            memory_budget_bytes=int(s.model_memory_budget_mb * 2**20) if s.model_memory_budget_mb else None,
+            load_timeout_s=s.model_load_timeout_s,
+        )
+        self.executor = Executor(
+            self.nc, self.names, JobStore(self.layout.jobs), self.pool, self.worker_id,
+            on_finished=self._on_finished,
+        )
+        self.puller = PriorityPuller(
+            self.nc, self.names, list(self.runtimes), self._on_message, ack_wait_s=s.ack_wait_s
+        )
+        self._subs.append(await self.nc.subscribe(self.names.cancel_all, cb=self._on_cancel))
+        self._subs.append(
+            await self.nc.subscribe(self.names.worker_control_subject(self.worker_id), cb=self._on_control)
+        )
+        await self.puller.start()
+        self._status = "idle"
+        await self._heartbeat()
+        self._spawn("heartbeat", self._every(s.heartbeat_interval_s, self._heartbeat))
+        self._spawn("in-progress", self._every(s.ack_wait_s / 3, self.executor.touch_all))
+        self._spawn("pull", self._pull_loop())
+        log.info(
+            "worker %s up: runtimes=%s slots=%d namespace=%s",
+            self.worker_id, ",".join(self.runtimes), s.max_concurrent_jobs, self.names.prefix,
+        )
+
+    async def drain(self) -> None:
+        """Stop pulling, finish or hand back in-flight jobs, deregister. Safe to call twice."""
+        if self._stopped or not self._started:
+            return
+        self._stopped = True
+        self._draining = True
+        self._status = "draining"
+        await self._cancel_background("pull")
+        if self.puller is not None:
+            await self.puller.stop()
+        await self._heartbeat()
+        if self._jobs:
+            log.info("draining: waiting up to %.0fs for %d job(s)", self.settings.drain_timeout_s, len(self._jobs))
+            await asyncio.wait(set(self._jobs), timeout=self.settings.drain_timeout_s)
+        if self._jobs and self.executor is not None:
+            log.warning("drain timeout: handing %d job(s) back to the queue", len(self._jobs))
+            for ex in list(self.executor.running.values()):
+                if ex.ctx is not None:
+                    ex.ctx.cancel()
+            for task in list(self._jobs):
+                task.cancel()
+            await asyncio.gather(*self._jobs, return_exceptions=True)
+            for ex in list(self.executor.running.values()):
+                await self.executor.hand_back(ex)
+        for name in list(self._background):
+            await self._cancel_background(name)
+        for sub in self._subs:
+            await sub.unsubscribe()
+        self._subs.clear()
+        if self.layout is not None:
+            try:
+                await self.layout.workers.delete(self.worker_id)
+            except Exception as e:
+                log.warning("could not deregister %s: %r", self.worker_id, e)
+        if self.pool is not None:
+            await self.pool.close()
+        if self.catalog is not None:
+            await self.catalog.stop()
+        self._status = "stopped"
+        log.info("worker %s stopped", self.worker_id)
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def __aenter__(self) -> "Worker":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.drain()
+
+    # ------------------------------------------------------------------ background tasks
+
+    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro, name=f"{self.worker_id}-{name}")
+        self._background[name] = task
+        task.add_done_callback(self._background_done)
+
+    def _background_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None and self._fatal is None:
+            log.error("background task %s crashed: %r", task.get_name(), exc, exc_info=exc)
+            self._fatal = exc
+            self.exit_reason = f"background task {task.get_name()} crashed"
+            self.exit_requested.set()
+
+    async def _cancel_background(self, name: str) -> None:
+        task = self._background.pop(name, None)
+        if task is None:
+            return
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+    @staticmethod
+    async def _every(interval: float, fn: Any) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await fn()
+
+    # ------------------------------------------------------------------ pulling
+
+    async def _pull_loop(self) -> None:
+        assert self.puller is not None
+        puller = self.puller
+        while True:
+            if self.free_slots <= 0 or self._paused:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            hinted = puller.doorbell.take()
+            try:
+                if await puller.sweep(self.free_slots, hinted):
+                    continue
+            except (MnemosError, OSError, TimeoutError) as e:
+                log.warning("pull failed (%r); retrying after the doorbell or %ss", e,
+                            self.settings.idle_recheck_s)
+            except Exception as e:  # nats-py raises its own error types when disconnected
+                log.warning("pull failed (%r)", e)
+            try:
+                await asyncio.wait_for(puller.doorbell.event.wait(), timeout=self.settings.idle_recheck_s)
+            except TimeoutError:
+                pass
+
+    def _on_message(self, msg: Msg) -> None:
+        if self._draining or self.executor is None:
+            self._spawn_job(msg.nak())
+            return
+        self._active += 1
+        if self._status == "idle":
+            self._status = "busy"
+        self._spawn_job(self.executor.handle(msg), counted=True)
+
+    def _spawn_job(self, coro: Coroutine[Any, Any, None], counted: bool = False) -> None:
+        task = asyncio.create_task(coro)
+        self._jobs.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._jobs.discard(t)
+            if counted:
+                self._active -= 1
+                if self._active == 0 and self._status == "busy":
+                    self._status = "idle"
+                self._slot_freed.set()
+            if not t.cancelled() and t.exception() is not None:
+                log.error("job task failed: %r", t.exception(), exc_info=t.exception())
+
+        task.add_done_callback(done)
+
+    def _on_finished(self, record: JobRecord) -> None:
+        """After each job: recycle (Neutrino's rule) when a limit is reached."""
+        s = self.settings
+        assert self.executor is not None
+        reason = ""
+        if s.max_jobs is not None and self.executor.completed + self.executor.failed >= s.max_jobs:
+            reason = f"ran {s.max_jobs} jobs"
+        elif s.max_rss_mb is not None and self.monitor.rss_mb() > s.max_rss_mb:
+            reason = f"RSS above {s.max_rss_mb:.0f} MB"
+        elif s.max_lifetime_s is not None and time.monotonic() - self.started_monotonic > s.max_lifetime_s:
+            reason = f"older than {s.max_lifetime_s:.0f}s"
+        if reason and not self.exit_requested.is_set():
+            log.info("worker %s recycling: %s", self.worker_id, reason)
+            self.exit_reason = f"recycle: {reason}"
+            self._draining = True
+            self.exit_requested.set()
+
+    # ------------------------------------------------------------------ signals
+
+    async def _on_cancel(self, msg: Msg) -> None:
+        job_id = msg.subject.rpartition(".")[2]
+        if self.executor is not None and self.executor.cancel(job_id):
+            log.info("job %s: cancel signal received; stopping its execution", job_id)
+
+    async def _on_control(self, msg: Msg) -> None:
+        try:
+            cmd = decode(msg.data, WorkerCommand)
+        except MnemosError as e:
+            if msg.reply:
+                await msg.respond(encode({"error": e.info()}))
+            return
+        if cmd.command == "pause":
+            self._paused = True
+        elif cmd.command == "resume":
+            self._paused = False
+            self._slot_freed.set()
+        elif cmd.command == "drain":
+            self.exit_reason = "drain requested"
+            self._draining = True
+            self.exit_requested.set()
+        if msg.reply:
+            await msg.respond(encode(self.record()))
+
+    # ------------------------------------------------------------------ heartbeat
+
+    def record(self) -> WorkerRecord:
+        ex = self.executor
+        return WorkerRecord(
+            worker_id=self.worker_id,
+            hostname=socket.gethostname(),
+            version=self.settings.version,
+            status=self._status,  # type: ignore[arg-type]
+            runtimes=list(self.runtimes),  # type: ignore[arg-type]
+            max_concurrent_jobs=self.settings.max_concurrent_jobs,
+            free_slots=self.free_slots,
+            registered_at=self.registered_at,
+            last_heartbeat=utcnow(),
+            current_jobs=sorted(ex.running) if ex else [],
+            loaded_models=self.pool.loaded_names() if self.pool else [],
+            resources=self.monitor.snapshot(),
+            tags=dict(self.settings.tags),
+            heartbeat_interval_s=self.settings.heartbeat_interval_s,
+            jobs_completed=ex.completed if ex else 0,
+            jobs_failed=ex.failed if ex else 0,
+        )
+
+    async def _heartbeat(self) -> None:
+        """Publish the record on the heartbeat subject and refresh its expiring KV entry."""
+        data = encode(self.record())
+        try:
+            await self.nc.publish(self.names.heartbeat_subject(self.worker_id), data)
+            await self.js.publish(
+                self.names.kv_key_subject(self.names.workers_bucket, self.worker_id),
+                data,
+                msg_ttl=self.settings.heartbeat_ttl_s,
+            )
+        except Exception as e:
+            log.warning("heartbeat failed: %r", e)

@@ -1,0 +1,209 @@
+"""Shared fixtures: a real nats-server per test session, a fresh namespace per test.
+
+Tests isolate themselves by namespace (``t<hex>`` prefixes every subject, stream and
+bucket), like Temporal's uuid task queue per test, instead of restarting servers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nats
+import pytest
+from nats.aio.client import Client as NATS
+
+from mnemos.config import NatsSettings
+from mnemos.embedded import EmbeddedNats, free_port
+from mnemos.layout import Layout, ensure_layout
+from mnemos.names import Names
+
+T = TypeVar("T")
+
+
+async def assert_eventually(
+    probe: Callable[[], Awaitable[T]] | Callable[[], T],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition not met",
+) -> T:
+    """Call ``probe`` until it returns a truthy value (returned) or raise after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        try:
+            last = probe()
+            if asyncio.iscoroutine(last):
+                last = await last
+            if last:
+                return last  # type: ignore[no-any-return]
+        except AssertionError as e:
+            last = e
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} within {timeout}s (last: {last!r})")
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
+    store = tmp_path_factory.mktemp("jetstream")
+    server = EmbeddedNats(store_dir=store, port=free_port(), log_file=store / "nats.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def namespace() -> str:
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def names(namespace: str) -> Names:
+    return Names(namespace)
+
+
+@pytest.fixture
+def nats_settings(nats_server: EmbeddedNats, namespace: str) -> NatsSettings:
+    return NatsSettings(nats_url=nats_server.url, namespace=namespace)
+
+
+@pytest.fixture
+async def nc(nats_settings: NatsSettings) -> AsyncIterator[NATS]:
+    client = await nats.connect(nats_settings.servers, name="pytest")
+    yield client
+    await client.close()
+
+
+@pytest.fixture
+async def layout(nc: NATS, names: Names) -> AsyncIterator[Layout]:
+    js = nc.jetstream()
+    lay = await ensure_layout(js, names)
+    yield lay
+    await drop_namespace(nc, names)
+
+
+async def drop_namespace(nc: NATS, names: Names) -> None:
+    """Delete every stream of a test namespace so the shared server stays small."""
+    js = nc.jetstream()
+    for stream in await js.streams_info():
+        n = stream.config.name
+        p = names.prefix
+        if n in (names.dispatch_stream, names.results_stream) or n.startswith(f"KV_{p}_") or n.startswith(
+            f"OBJ_{p}_"
+        ):
+            try:
+                await js.delete_stream(n)
+            except Exception:  # noqa: BLE001 - best effort cleanup of a test namespace
+                pass
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real S3 API (moto's server) on a free loopback port; yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny GPT-2-style model with random weights and a tokenizer built with `tokenizers`."""
+    from registry.demo import build_demo_model
+
+    return build_demo_model(tmp_path_factory.mktemp("tiny-model"))
+
+
+@pytest.fixture(scope="session")
+def demo_functions_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo Python functions as a model directory (``functions.py``)."""
+    from registry.demo import build_demo_functions
+
+    return build_demo_functions(tmp_path_factory.mktemp("demo-functions"))
+
+
+# ---------------------------------------------------------------------------- platform fixtures
+
+
+@pytest.fixture
+async def registry(nc: NATS, names: Names, layout: Layout) -> Any:
+    from registry import Registry, RegistrySettings
+
+    reg = Registry(nc.jetstream(), names, RegistrySettings(artifact_store="nats"))
+    await reg.start()
+    return reg
+
+
+@pytest.fixture
+async def demo_fn(registry: Any, demo_functions_dir: Path) -> Any:
+    """The demo functions registered as ``demo-fn:v1`` (python runtime)."""
+    return await registry.push(
+        demo_functions_dir, family="demo-fn", version="v1", runtime="python",
+        runtime_config={"entrypoint": "functions.py:echo"},
+    )
+
+
+@pytest.fixture
+async def demo_model(registry: Any, tiny_model_dir: Path) -> Any:
+    """The tiny GPT-2 registered as ``demo-gpt2:v1`` (transformers runtime)."""
+    return await registry.push(tiny_model_dir, family="demo-gpt2", version="v1", runtime="transformers")
+
+
+@pytest.fixture
+async def control_plane(nats_settings: NatsSettings, layout: Layout) -> AsyncIterator[Any]:
+    from control_plane import ControlPlane, ControlPlaneSettings
+
+    conn = await nats.connect(nats_settings.servers, name="pytest-control-plane")
+    cp = ControlPlane(conn, nats_settings, ControlPlaneSettings())
+    await cp.start()
+    yield cp
+    await cp.stop()
+    await conn.close()
+
+
+@pytest.fixture
+async def start_worker(
+    nats_settings: NatsSettings, layout: Layout, tmp_path: Path
+) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """Start workers (each with its own NATS connection); all drained at teardown."""
+    from neuron_runtime import Worker, WorkerSettings
+
+    started: list[tuple[Any, NATS]] = []
+
+    async def start(**overrides: Any) -> Any:
+        n = len(started)
+        options: dict[str, Any] = dict(
+            worker_id=f"w{n}-{uuid.uuid4().hex[:6]}",
+            runtimes=["python", "transformers", "pytorch"],
+            max_concurrent_jobs=4,
+            heartbeat_interval_s=1.0,
+            cache_dir=tmp_path / f"cache-{n}",
+            drain_timeout_s=5.0,
+        )
+        options.update(overrides)
+        conn = await nats.connect(nats_settings.servers, name=f"pytest-worker-{n}")
+        worker = Worker(conn, nats_settings, WorkerSettings(**options))
+        await worker.start()
+        started.append((worker, conn))
+        return worker
+
+    yield start
+    for worker, conn in reversed(started):
+        await worker.drain()
+        await conn.close()
+
+
+@pytest.fixture
+async def client(nc: NATS, names: Names) -> Any:
+    from mnemos.client import Client
+
+    return Client(nc, names)

@@ -1,0 +1,81 @@
+"""The control plane as a NATS micro service: what `nats micro ls/info/stats` reads is valid."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from nats.aio.client import Client as NATS
+
+from control_plane.service import ENDPOINTS
+from mnemos.messages import ErrorReply, decode
+from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE, SERVICE_NAME, Names
+
+SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "nats-micro-schemas"
+
+
+def _schema(name: str) -> dict:
+    path = SCHEMAS / f"{name}_response.json"
+    if not path.exists():
+        pytest.skip(f"{path} not found (shared/ is beside the repository in CI)")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("verb", ["PING", "INFO", "STATS"])
+async def test_srv_replies_validate_against_micro_schemas(verb: str, control_plane, nc: NATS) -> None:
+    schema = _schema(verb.lower())
+    # One service instance (others may run in other test namespaces on this server).
+    subject = f"$SRV.{verb}.{SERVICE_NAME}.{control_plane.service.id}"
+    reply = await nc.request(subject, b"", timeout=2)
+    body = json.loads(reply.data)
+    jsonschema.validate(body, schema)
+    assert body["name"] == SERVICE_NAME
+    if verb == "INFO":
+        subjects = {e["subject"] for e in body["endpoints"]}
+        assert subjects == {control_plane.names.api_subject(e) for e in ENDPOINTS}
+        assert body["metadata"]["namespace"] == control_plane.names.prefix
+
+
+async def test_service_is_discoverable_by_name(control_plane, nc: NATS) -> None:
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    await nc.publish(f"$SRV.PING.{SERVICE_NAME}", b"", reply=inbox)
+    ids = set()
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=0.5)
+            ids.add(json.loads(msg.data)["id"])
+    except Exception:  # noqa: BLE001 - nats TimeoutError ends the collection
+        pass
+    assert control_plane.service.id in ids
+
+
+@pytest.mark.parametrize(
+    "endpoint,body,code,status",
+    [
+        ("jobs.submit", b"{not json", "invalid_json", "400"),
+        ("jobs.submit", b'{"model": {"family": "x"}}', "validation_error", "400"),
+        ("jobs.submit", b'{"model": {"family": "x", "version": "1"}, "priority": 11}', "validation_error", "400"),
+        ("jobs.get", b'{"job_id": "NOPE"}', "job_not_found", "404"),
+        ("jobs.get", b'{"job_id": "../../etc"}', "validation_error", "400"),
+        ("models.get", b'{"name": "ghost:v9"}', "model_not_found", "404"),
+        ("jobs.cancel", b"[]", "validation_error", "400"),
+    ],
+)
+async def test_errors_use_one_envelope(
+    endpoint: str, body: bytes, code: str, status: str, control_plane, nc: NATS, names: Names
+) -> None:
+    reply = await nc.request(names.api_subject(endpoint), body, timeout=2)
+    assert reply.headers[HDR_SERVICE_ERROR_CODE] == status
+    assert reply.headers[HDR_SERVICE_ERROR]
+    err = decode(reply.data, ErrorReply).error
+    assert err.code == code
+    assert err.message
+
+
+async def test_oversized_request_is_rejected(control_plane, nc: NATS, names: Names) -> None:
+    big = b'{"model": {"family": "x", "version": "1"}, "metadata": {"pad": "' + b"x" * 600_000 + b'"}}'
+    reply = await nc.request(names.api_subject("jobs.submit"), big, timeout=5)
+    assert decode(reply.data, ErrorReply).error.code == "payload_too_large"
