@@ -39,7 +39,8 @@ from mnemos.errors import (
     UnknownRuntime,
     ValidationFailed,
 )
-from mnemos.jobstore import JobStore, kv_values
+from mnemos.jobstore import JobStore
+from mnemos.kvscan import kv_values
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.messages import (
     ACTIVE_STATUSES,

@@ -35,9 +35,15 @@ class ModelCatalog:
         """Load every record and keep following changes. Safe to call twice."""
         if self._task is not None:
             return
+        empty = not (await self._kv.status()).stream_info.state.messages
         watcher = await self._kv.watchall()
         self._task = asyncio.create_task(self._follow(watcher), name="model-catalog")
-        await self._ready.wait()
+        if empty:
+            self._ready.set()
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout=10.0)
+        except TimeoutError:
+            log.warning("model catalog: initial values not confirmed within 10 s; continuing")
 
     async def stop(self) -> None:
         task, self._task = self._task, None
@@ -52,10 +58,11 @@ class ModelCatalog:
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         try:
             async for entry in watcher:
+                # nats-py's None "initial values done" marker can come before values the
+                # server already sent; an entry with nothing pending behind it cannot.
                 if entry is None:
-                    self._ready.set()
                     continue
-                if entry.operation in ("DEL", "PURGE") or not entry.value:
+                if entry.operation is not None or not entry.value:
                     self._by_key.pop(entry.key, None)
                 else:
                     try:
@@ -63,7 +70,8 @@ class ModelCatalog:
                     except ValidationFailed as e:
                         log.error("ignoring malformed model record %s: %s", entry.key, e)
                 self._rebuild_aliases()
-                self._ready.set()
+                if entry.delta == 0:
+                    self._ready.set()
         finally:
             self._ready.set()
             await watcher.stop()

@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NoKeysError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from mnemos.errors import Conflict, JobNotFound, ValidationFailed
+from mnemos.kvscan import kv_values
 from mnemos.messages import JobRecord, decode, encode, utcnow
 
-__all__ = ["JobStore", "check_job_id", "kv_values"]
+__all__ = ["JobStore", "check_job_id"]
 
 _JOB_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
@@ -27,21 +28,6 @@ def check_job_id(job_id: str) -> str:
     if not _JOB_ID_RE.match(job_id):
         raise ValidationFailed(f"invalid job id {job_id!r}")
     return job_id
-
-
-async def kv_values(kv: KeyValue) -> AsyncIterator[tuple[str, bytes, int]]:
-    """Every live ``(key, value, revision)`` of a bucket, read once (no updates after)."""
-    watcher = await kv.watchall(ignore_deletes=True)
-    try:
-        async for entry in watcher:
-            if entry is None:  # end of the initial values
-                break
-            if entry.value:
-                yield entry.key, entry.value, entry.revision
-    except NoKeysError:
-        return
-    finally:
-        await watcher.stop()
 
 
 class JobStore:

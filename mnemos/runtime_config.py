@@ -79,6 +79,12 @@ class PythonConfig(_Config):
     #: Run a plain (sync) function in a thread so it cannot block the worker.
     threaded: bool = True
 
+    @property
+    def target(self) -> str:
+        """``module:function`` actually called (``function`` overrides the entrypoint's)."""
+        module, _, name = self.entrypoint.rpartition(":")
+        return f"{module}:{self.function or name}"
+
 
 RuntimeConfig = VLLMConfig | TransformersConfig | PyTorchConfig | PythonConfig
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from mnemos.config import NatsSettings
 from mnemos.embedded import EmbeddedNats
 
-__all__ = ["UpOptions", "run_up"]
+__all__ = ["UpOptions", "LocalStack", "run_up", "ensure_demo"]
 
 log = logging.getLogger("mnemos.up")
 
@@ -130,11 +130,72 @@ async def _wait_ready(settings: NatsSettings, workers: int, timeout: float = 120
         await client.close()
 
 
+class LocalStack:
+    """Embedded NATS + control plane + workers as child processes (``mnemos up``, benchmarks)."""
+
+    def __init__(self, options: UpOptions) -> None:
+        self.options = options
+        self.data_dir = options.data_dir.resolve()
+        self.logs = self.data_dir / "logs"
+        self.nats = EmbeddedNats(store_dir=self.data_dir / "nats", host=options.host, port=options.port,
+                                 log_file=self.logs / "nats-server.log")
+        self.settings = NatsSettings(nats_url=self.nats.url, namespace=options.namespace)
+        env = dict(os.environ)
+        env.update({
+            "MNEMOS_NATS_URL": self.nats.url,
+            "MNEMOS_NAMESPACE": options.namespace,
+            "MNEMOS_WORKER_CACHE_DIR": str(self.data_dir / "cache"),
+            "MNEMOS_WORKER_MAX_CONCURRENT_JOBS": str(options.worker_slots),
+            "PYTHONUNBUFFERED": "1",
+        })
+        env.update(options.extra_env)
+        mnemos = [sys.executable, "-m", "mnemos"]
+        self.children = [_Child("control-plane", [*mnemos, "control-plane"], env, self.logs / "control-plane.log")]
+        for i in range(options.workers):
+            self.children.append(_Child(f"worker-{i}", [*mnemos, "worker"], env, self.logs / f"worker-{i}.log"))
+        self.models: list[str] = []
+        self.workers: list[str] = []
+
+    def start(self) -> None:
+        """Start NATS, register the demo models, start the children, wait until a worker is up."""
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.nats.start()
+        self.models = asyncio.run(ensure_demo(self.settings, self.data_dir))
+        for child in self.children:
+            child.start()
+        self.workers = asyncio.run(_wait_ready(self.settings, self.options.workers))
+
+    def supervise_once(self) -> None:
+        """Restart children that exited (a recycled worker exits on purpose)."""
+        for child in self.children:
+            assert child.proc is not None
+            rc = child.proc.poll()
+            if rc is not None:
+                child.restarts += 1
+                print(f"{child.name} exited with {rc}; restarting (see {child.log_path})", flush=True)
+                time.sleep(min(5.0, 0.5 * child.restarts))
+                child.start()
+
+    def stop(self) -> None:
+        """Workers first (they drain), then the control plane, then nats-server."""
+        for child in reversed(self.children):
+            child.stop(timeout=90.0 if child.name.startswith("worker") else 20.0)
+        self.nats.stop()
+
+    def __enter__(self) -> "LocalStack":
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 def run_up(options: UpOptions) -> int:
     """Run until SIGINT/SIGTERM; the exit code."""
-    data_dir = options.data_dir.resolve()
-    logs = data_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     stop = {"flag": False}
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -142,49 +203,20 @@ def run_up(options: UpOptions) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-
-    nats = EmbeddedNats(store_dir=data_dir / "nats", host=options.host, port=options.port,
-                        log_file=logs / "nats-server.log")
-    nats.start()
-    settings = NatsSettings(nats_url=nats.url, namespace=options.namespace)
-    env = dict(os.environ)
-    env.update({
-        "MNEMOS_NATS_URL": nats.url,
-        "MNEMOS_NAMESPACE": options.namespace,
-        "MNEMOS_WORKER_CACHE_DIR": str(data_dir / "cache"),
-        "MNEMOS_WORKER_MAX_CONCURRENT_JOBS": str(options.worker_slots),
-        "PYTHONUNBUFFERED": "1",
-    })
-    env.update(options.extra_env)
-    mnemos = [sys.executable, "-m", "mnemos"]
-    children = [_Child("control-plane", [*mnemos, "control-plane"], env, logs / "control-plane.log")]
-    for i in range(options.workers):
-        children.append(_Child(f"worker-{i}", [*mnemos, "worker"], env, logs / f"worker-{i}.log"))
+    stack = LocalStack(options)
     code = 0
     try:
-        models = asyncio.run(ensure_demo(settings, data_dir))
-        for child in children:
-            child.start()
-        workers = asyncio.run(_wait_ready(settings, options.workers))
-        print(_banner(nats.url, data_dir, workers, models), flush=True)
+        stack.start()
+        print(_banner(stack.nats.url, stack.data_dir, stack.workers, stack.models), flush=True)
         while not stop["flag"]:
-            for child in children:
-                assert child.proc is not None
-                rc = child.proc.poll()
-                if rc is not None and not stop["flag"]:
-                    child.restarts += 1
-                    print(f"{child.name} exited with {rc}; restarting (see {child.log_path})", flush=True)
-                    time.sleep(min(5.0, 0.5 * child.restarts))
-                    child.start()
+            stack.supervise_once()
             time.sleep(0.2)
     except Exception as e:
         print(f"mnemos up failed: {e}", file=sys.stderr, flush=True)
         code = 1
     finally:
         print("stopping: workers (drain), control plane, nats-server ...", flush=True)
-        for child in reversed(children):
-            child.stop(timeout=90.0 if child.name.startswith("worker") else 20.0)
-        nats.stop()
+        stack.stop()
         print("stopped.", flush=True)
     return code
 

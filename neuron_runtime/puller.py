@@ -13,8 +13,9 @@ return messages in stream order, so priority is the worker's job:
   stored the message). Because the subscription exists before the sweep, no job that
   arrives between a sweep and the wait can be missed.
 
-Pull requests are raw ``$JS.API.CONSUMER.MSG.NEXT`` requests on one inbox, so a request
-never asks for more messages than the worker has free slots.
+Pull requests are raw ``$JS.API.CONSUMER.MSG.NEXT`` requests on one inbox, one at a time,
+so a request never asks for more messages than the worker has free slots. (Delivered
+messages keep their dispatch subject; only status replies carry the pull's inbox token.)
 """
 
 from __future__ import annotations
@@ -87,6 +88,8 @@ class PriorityPuller:
         self.doorbell = Doorbell()
         self._ids = itertools.count(1)
         self._pulls: dict[str, _Pull] = {}
+        self._current: _Pull | None = None
+        self._one_at_a_time = asyncio.Lock()
         self._inbox = ""
         self._subs: list[Subscription] = []
         self._info_subject = names.stream_info_subject(names.dispatch_stream)
@@ -146,19 +149,21 @@ class PriorityPuller:
             log.warning("ignoring dispatch doorbell on malformed subject %s", msg.subject)
 
     async def _on_inbox(self, msg: Msg) -> None:
-        rid = msg.subject.rpartition(".")[2]
-        pull = self._pulls.get(rid)
         status = msg.headers.get("Status") if msg.headers else None
-        if status is not None and not msg.data and msg.reply == "":
+        if status is not None and not msg.data and not msg.reply:
+            # Status messages come on the pull's own reply subject: <inbox>.<rid>.
             if status == "100":  # idle heartbeat
                 return
             if status not in ("404", "408"):
-                log.debug("pull %s ended with status %s %s", rid, status, msg.headers)
+                log.debug("pull ended with status %s %s", status, msg.headers)
+            pull = self._pulls.get(msg.subject.rpartition(".")[2])
             if pull is not None and not pull.done.done():
                 pull.done.set_result(pull.received)
             return
-        # A job. It may belong to a pull we stopped waiting for: it is still ours to run.
+        # A job (it keeps its dispatch subject, so it belongs to the one pull in flight).
+        # A late one for a pull we stopped waiting for is still ours to run.
         self.on_message(msg)
+        pull = self._current
         if pull is not None:
             pull.received += 1
             if pull.received >= pull.batch and not pull.done.done():
@@ -174,10 +179,15 @@ class PriorityPuller:
         """
         if batch <= 0:
             return 0
+        async with self._one_at_a_time:
+            return await self._pull(level, batch, wait_s)
+
+    async def _pull(self, level: Level, batch: int, wait_s: float | None) -> int:
         runtime, priority = level
         rid = str(next(self._ids))
         pull = _Pull(batch=batch, done=asyncio.get_running_loop().create_future())
         self._pulls[rid] = pull
+        self._current = pull
         body: dict[str, object] = {"batch": batch}
         if wait_s is None:
             body["no_wait"] = True
@@ -198,6 +208,7 @@ class PriorityPuller:
                 return pull.received
         finally:
             self._pulls.pop(rid, None)
+            self._current = None
 
     async def queued(self) -> dict[Level, int]:
         """Messages in the stream per (runtime, priority) (including ones being worked on)."""

@@ -39,7 +39,7 @@ async def test_submit_then_wait_and_stream(control_plane, start_worker, demo_fn,
     assert job.status == "queued"
     items = [item async for item in client.stream(job.job_id)]
     chunks = [i for i in items if isinstance(i, ResultChunk)]
-    assert [c.text for c in chunks] == ["a", "b", "c"]
+    assert [c.text.strip() for c in chunks] == ["a", "b", "c"]
     assert [c.seq for c in chunks] == [0, 1, 2]
     assert isinstance(items[-1], ResultFinal) and items[-1].status == "completed"
     done = await client.wait(job.job_id, timeout=10)

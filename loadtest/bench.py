@@ -1,0 +1,164 @@
+"""Benchmarks that print numbers (they assert nothing; the docs record what they printed).
+
+``noop``: N no-op Python jobs submitted as fast as one client can (``jobs.run``, a window of
+outstanding requests) and every result awaited -> jobs/s; then sequential submit-to-result
+round trips -> p50/p95/p99 ms.
+
+``stream``: tokens/s and time to first token of the demo model through the platform
+(submit, stream the result subject) against in-process generation with the same runtime
+code on the same tiny model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnemos.client import Client, job_spec
+from mnemos.config import NatsSettings
+from mnemos.embedded import free_port
+from mnemos.messages import ResultChunk
+from mnemos.up import LocalStack, UpOptions
+
+__all__ = ["NoopOptions", "StreamOptions", "bench_noop", "bench_stream", "local_stack", "percentiles"]
+
+
+def percentiles(samples_ms: list[float]) -> dict[str, float]:
+    if not samples_ms:
+        return {"p50": float("nan"), "p95": float("nan"), "p99": float("nan")}
+    qs = statistics.quantiles(samples_ms, n=100, method="inclusive")
+    return {"p50": qs[49], "p95": qs[94], "p99": qs[98]}
+
+
+@contextmanager
+def local_stack(workers: int = 1, slots: int = 256, data_dir: Path | None = None) -> Iterator[NatsSettings]:
+    """A fresh file-backed stack (embedded NATS, control plane, workers) for one run."""
+    with tempfile.TemporaryDirectory(prefix="mnemos-bench-") as tmp:
+        opts = UpOptions(data_dir=data_dir or Path(tmp), port=free_port(), workers=workers, worker_slots=slots,
+                         extra_env={"MNEMOS_LOG_LEVEL": "WARNING"})
+        with LocalStack(opts) as stack:
+            yield stack.settings
+
+
+@dataclass
+class NoopOptions:
+    jobs: int = 10_000
+    window: int = 1024
+    roundtrips: int = 500
+    warmup: int = 200
+
+
+async def bench_noop(settings: NatsSettings, o: NoopOptions) -> dict[str, float]:
+    client = await Client.connect(settings, request_timeout=60)
+    spec = job_spec("demo-fn:v1", function="noop", timeout_seconds=60)
+    try:
+        for _ in range(o.warmup):
+            await client.run(spec)
+        sem = asyncio.Semaphore(o.window)
+        failures = 0
+
+        async def one() -> None:
+            nonlocal failures
+            async with sem:
+                record = await client.run(spec)
+                if record.status != "completed":
+                    failures += 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(o.jobs)))
+        elapsed = time.perf_counter() - t0
+        rate = o.jobs / elapsed
+        print(f"throughput: {o.jobs} no-op jobs in {elapsed:.2f}s = {rate:,.0f} jobs/s "
+              f"(window {o.window}, failures {failures})")
+
+        samples: list[float] = []
+        for _ in range(o.roundtrips):
+            t = time.perf_counter()
+            record = await client.run(spec)
+            samples.append((time.perf_counter() - t) * 1000.0)
+            if record.status != "completed":
+                failures += 1
+        p = percentiles(samples)
+        print(f"round trip ({o.roundtrips} sequential submit-to-result): p50 {p['p50']:.2f} ms, "
+              f"p95 {p['p95']:.2f} ms, p99 {p['p99']:.2f} ms, max {max(samples):.2f} ms")
+        return {"jobs_per_s": rate, **{f"{k}_ms": v for k, v in p.items()}, "failures": float(failures)}
+    finally:
+        await client.close()
+
+
+@dataclass
+class StreamOptions:
+    runs: int = 5
+    max_tokens: int = 200
+    prompt: str = "the quick brown fox"
+
+
+async def _in_process(o: StreamOptions) -> tuple[float, float]:
+    """Tokens/s and TTFT (ms) of the same runtime code, no platform in between."""
+    from mnemos.messages import ArtifactLocation, ModelRecord, utcnow
+    from mnemos.runtime_config import TransformersConfig
+    from neuron_runtime.runtimes.base import ExecutionContext
+    from neuron_runtime.runtimes.transformers import TransformersRuntime
+    from registry.demo import build_demo_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = build_demo_model(Path(tmp) / "m")
+        record = ModelRecord(family="demo-gpt2", version="v1", runtime="transformers",
+                             artifact=ArtifactLocation(store="nats", bucket="-", prefix="-"), files=[],
+                             total_size=0, created_at=utcnow())
+        loaded = await TransformersRuntime().load(record, model_dir, TransformersConfig())
+        spec = job_spec("demo-gpt2:v1", prompt=o.prompt, max_tokens=o.max_tokens, temperature=0)
+        rates, ttfts = [], []
+        for i in range(o.runs + 1):
+            ctx = ExecutionContext(job_id=f"bench{i}", attempt=1, spec=spec)
+            t0 = time.perf_counter()
+            ctx.started = t0
+            out = await loaded.run(ctx)
+            elapsed = time.perf_counter() - t0
+            if i == 0:
+                continue  # warm-up
+            rates.append(out.metadata["completion_tokens"] / elapsed)
+            ttfts.append(ctx.first_token_ms or 0.0)
+        await loaded.unload()
+        return statistics.median(rates), statistics.median(ttfts)
+
+
+async def _through_platform(settings: NatsSettings, o: StreamOptions) -> tuple[float, float]:
+    client = await Client.connect(settings, request_timeout=60)
+    spec = job_spec("demo-gpt2:v1", prompt=o.prompt, max_tokens=o.max_tokens, temperature=0)
+    try:
+        rates, ttfts = [], []
+        for i in range(o.runs + 1):
+            t0 = time.perf_counter()
+            job = await client.submit(spec)
+            first: float | None = None
+            async for item in client.stream(job.job_id):
+                if isinstance(item, ResultChunk) and first is None:
+                    first = time.perf_counter()
+            elapsed = time.perf_counter() - t0
+            record = await client.get(job.job_id)
+            if i == 0:
+                continue  # the first job loads the model
+            tokens = record.output.metadata["completion_tokens"] if record.output else 0
+            rates.append(tokens / elapsed)
+            ttfts.append(((first or t0) - t0) * 1000.0)
+        return statistics.median(rates), statistics.median(ttfts)
+    finally:
+        await client.close()
+
+
+async def bench_stream(settings: NatsSettings, o: StreamOptions) -> dict[str, float]:
+    local_rate, local_ttft = await _in_process(o)
+    print(f"in-process:     {local_rate:,.0f} tokens/s, first token {local_ttft:.1f} ms "
+          f"(median of {o.runs}, {o.max_tokens} tokens, greedy)")
+    rate, ttft = await _through_platform(settings, o)
+    print(f"through MNEMOS: {rate:,.0f} tokens/s, first token {ttft:.1f} ms (submit -> first chunk at client)")
+    print(f"streaming efficiency: {100.0 * rate / local_rate:.1f}% of in-process tokens/s")
+    return {"local_tokens_per_s": local_rate, "platform_tokens_per_s": rate, "local_ttft_ms": local_ttft,
+            "platform_ttft_ms": ttft}

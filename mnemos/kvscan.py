@@ -1,0 +1,45 @@
+"""Reading a whole KV bucket once, correctly (nats-py's own markers race; see kv_values)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import nats.errors
+from nats.js.kv import KeyValue
+
+__all__ = ["kv_values"]
+
+log = logging.getLogger("mnemos.kv")
+
+_SCAN_INACTIVE_S = 2.0
+_SCAN_TIMEOUT_S = 5.0
+
+
+async def kv_values(kv: KeyValue) -> AsyncIterator[tuple[str, bytes, int]]:
+    """Every live ``(key, value, revision)`` of a bucket, read once (no updates after).
+
+    The end of the snapshot is the first entry with nothing pending behind it, or the
+    stream's last sequence read up front (so a bucket under constant writes still ends).
+    nats-py's own "initial values done" marker is not used: it can arrive before values
+    the server already sent. The one-shot consumer is dropped by the server 2 s after.
+    """
+    state = (await kv.status()).stream_info.state
+    if not state.messages:
+        return
+    watcher = await kv.watchall(inactive_threshold=_SCAN_INACTIVE_S)
+    try:
+        while True:
+            try:
+                entry = await watcher.updates(timeout=_SCAN_TIMEOUT_S)
+            except (TimeoutError, nats.errors.TimeoutError):
+                log.warning("KV scan of %s ended by timeout", kv._name)  # noqa: SLF001
+                return
+            if entry is None or entry.revision is None:
+                continue
+            if entry.operation is None and entry.value:
+                yield entry.key, entry.value, entry.revision
+            if entry.delta == 0 or entry.revision >= state.last_seq:
+                return
+    finally:
+        await watcher.stop()

@@ -1,0 +1,97 @@
+"""`mnemos up` as a user runs it: the whole local stack, streaming tokens, a clean Ctrl-C, a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mnemos.embedded import free_port
+
+pytestmark = pytest.mark.e2e
+
+
+def _start_up(data_dir: Path, port: int) -> subprocess.Popen[str]:
+    env = dict(os.environ, MNEMOS_LOG_LEVEL="INFO", MNEMOS_WORKER_HEARTBEAT_INTERVAL_S="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnemos", "up", "--data-dir", str(data_dir), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
+    )
+    deadline = time.monotonic() + 180
+    seen = []
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if "Ctrl-C stops everything" in line:
+            return proc
+    proc.kill()
+    logs = "".join(seen) + "".join(
+        f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in (data_dir / "logs").glob("*.log")
+    )
+    raise AssertionError(f"mnemos up did not come up:\n{logs}")
+
+
+def _stop_up(proc: subprocess.Popen[str]) -> str:
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    return out
+
+
+def _mnemos(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mnemos", "--nats-url", f"nats://127.0.0.1:{port}", *args],
+        capture_output=True, text=True, timeout=120,
+    )
+
+
+def _port_closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_make_up_streams_tokens_and_restarts_cleanly(tmp_path: Path) -> None:
+    port = free_port()
+    proc = _start_up(tmp_path, port)
+    try:
+        streamed = _mnemos(port, "submit", "--model", "demo-gpt2:v1", "--prompt", "hello", "--stream",
+                           "--max-tokens", "12", "--temperature", "0")
+        assert streamed.returncode == 0, streamed.stderr
+        assert streamed.stdout.strip(), "no tokens were printed"
+        assert "completed" in streamed.stderr
+
+        ran = _mnemos(port, "-o", "json", "submit", "--model", "demo-fn:v1", "--function", "add",
+                      "--arg", "2", "--arg", "3", "--wait")
+        assert ran.returncode == 0, ran.stderr
+        record = json.loads(ran.stdout)
+        assert record["status"] == "completed" and record["output"]["result"] == 5
+        job_id = record["job_id"]
+
+        workers = json.loads(_mnemos(port, "-o", "json", "workers", "ls").stdout)
+        assert len(workers) == 1 and "transformers" in workers[0]["runtimes"]
+        assert "demo-gpt2:v1" in workers[0]["loaded_models"]
+    finally:
+        out = _stop_up(proc)
+    assert "stopped." in out
+    assert _port_closed(port)
+
+    # A second `up` on the same data directory: the earlier job is still there.
+    proc = _start_up(tmp_path, port)
+    try:
+        got = _mnemos(port, "-o", "json", "jobs", "get", job_id)
+        assert got.returncode == 0, got.stderr
+        assert json.loads(got.stdout)["output"]["result"] == 5
+        listed = json.loads(_mnemos(port, "-o", "json", "jobs", "ls").stdout)
+        assert job_id in [j["job_id"] for j in listed["jobs"]]
+    finally:
+        _stop_up(proc)
