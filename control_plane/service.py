@@ -39,6 +39,7 @@ from mnemos.errors import (
     UnknownRuntime,
     ValidationFailed,
 )
+from mnemos.jetstream import publish_acked
 from mnemos.jobstore import JobStore
 from mnemos.kvscan import kv_values
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
@@ -121,7 +122,7 @@ class ControlPlane:
             return
         self._started = True
         self.layout = await ensure_layout(self.js, self.names, self._layout_options)
-        self.jobs = JobStore(self.layout.jobs)
+        self.jobs = JobStore(self.nc, self.layout.jobs, self.names.jobs_bucket)
         self.catalog = ModelCatalog(self.layout.models)
         await self.catalog.start()
         self.service = await add_service(
@@ -300,12 +301,13 @@ class ControlPlane:
         spec = record.spec
         subject = self.names.dispatch_subject(record.runtime, spec.priority, spec.model.family, spec.model.version)
         try:
-            await self.js.publish(
+            await publish_acked(
+                self.nc,
                 subject,
                 encode(Dispatch(record=record, revision=revision)),
                 headers={HDR_MSG_ID: f"{record.job_id}.{revision}"},
             )
-        except Exception as e:
+        except MnemosError as e:
             err = Unavailable(f"could not queue job {record.job_id}: {e!r}")
             await self._finish(record.job_id, "failed", err.info())
             raise err from e
@@ -336,7 +338,7 @@ class ControlPlane:
             output=record.output,
             error=record.error,
         )
-        await self.js.publish(self.names.results_subject(record.job_id), encode(final))
+        await publish_acked(self.nc, self.names.results_subject(record.job_id), encode(final))
         if record.reply_to:
             await self.nc.publish(record.reply_to, encode(record))
 

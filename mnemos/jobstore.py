@@ -11,11 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable
 
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.aio.client import Client as NATS
+from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from mnemos.errors import Conflict, JobNotFound, ValidationFailed
+from mnemos.jetstream import kv_cas
 from mnemos.kvscan import kv_values
+from mnemos.names import Names
 from mnemos.messages import JobRecord, decode, encode, utcnow
 
 __all__ = ["JobStore", "check_job_id"]
@@ -31,16 +34,18 @@ def check_job_id(job_id: str) -> str:
 
 
 class JobStore:
-    """Typed access to job records."""
+    """Typed access to job records (writes go through the lean :func:`kv_cas`)."""
 
-    def __init__(self, kv: KeyValue) -> None:
+    def __init__(self, nc: NATS, kv: KeyValue, bucket: str) -> None:
+        self.nc = nc
         self.kv = kv
+        self.bucket = bucket
 
     async def create(self, record: JobRecord) -> int:
         """Store a new record; its revision. Raises Conflict if the id exists."""
         try:
-            return await self.kv.create(record.job_id, encode(record))
-        except KeyWrongLastSequenceError as e:
+            return await kv_cas(self.nc, Names.kv_key_subject(self.bucket, record.job_id), encode(record), 0)
+        except Conflict as e:
             raise Conflict(f"job {record.job_id} already exists") from e
 
     async def get(self, job_id: str) -> tuple[JobRecord, int]:
@@ -54,11 +59,13 @@ class JobStore:
             raise JobNotFound(f"no job {job_id}")
         return decode(entry.value, JobRecord), entry.revision
 
-    async def update(self, record: JobRecord, revision: int) -> int:
-        """Write ``record`` if the stored revision is still ``revision``; the new revision."""
+    async def update(self, record: JobRecord, revision: int, data: bytes | None = None) -> int:
+        """Write ``record`` (or its already encoded ``data``) if the stored revision is still
+        ``revision``; the new revision."""
+        subject = Names.kv_key_subject(self.bucket, record.job_id)
         try:
-            return await self.kv.update(record.job_id, encode(record), last=revision)
-        except KeyWrongLastSequenceError as e:
+            return await kv_cas(self.nc, subject, data if data is not None else encode(record), revision)
+        except Conflict as e:
             raise Conflict(f"job {record.job_id} changed since revision {revision}") from e
 
     async def mutate(

@@ -175,7 +175,8 @@ class Names:
     def js_api_prefix(self) -> str:
         return "$JS.API"
 
-    def kv_key_subject(self, bucket: str, key: str) -> str:
+    @staticmethod
+    def kv_key_subject(bucket: str, key: str) -> str:
         """Raw subject of a KV key (used to publish with per-message headers such as TTL)."""
         return f"$KV.{bucket}.{key}"
 

@@ -29,6 +29,7 @@ from mnemos.errors import (
     ValidationFailed,
     WorkerLost,
 )
+from mnemos.jetstream import publish_acked
 from mnemos.jobstore import JobStore
 from mnemos.messages import (
     ACTIVE_STATUSES,
@@ -68,6 +69,10 @@ class Execution:
     record: JobRecord
     revision: int
     ctx: ExecutionContext | None = None
+    run_task: asyncio.Task[JobOutput] | None = None
+    model: Any = None
+    #: The record as last written, encoded (the reply to ``jobs.run`` reuses it).
+    encoded: bytes | None = None
     cancel_requested: bool = False
     stream: "_ChunkStream | None" = None
     streaming_write: asyncio.Task[None] | None = None
@@ -130,6 +135,7 @@ class Executor:
         self.worker_id = worker_id
         self.on_finished = on_finished
         self.running: dict[str, Execution] = {}
+        self._stops: set[asyncio.Task[None]] = set()
         self.completed = 0
         self.failed = 0
         self.duplicates = 0
@@ -162,11 +168,15 @@ class Executor:
     def cancel(self, job_id: str) -> bool:
         """Stop the execution of ``job_id`` if it runs here (a ``mnemos.cancel.<id>`` signal)."""
         ex = self.running.get(job_id)
-        if ex is None:
-            return False
+        if ex is None or ex.cancel_requested:
+            return ex is not None
         ex.cancel_requested = True
         if ex.ctx is not None:
             ex.ctx.cancel()
+        if ex.run_task is not None:
+            task = asyncio.create_task(self._stop_engine(ex))
+            self._stops.add(task)
+            task.add_done_callback(self._stops.discard)
         return True
 
     async def touch_all(self) -> None:
@@ -239,36 +249,44 @@ class Executor:
     async def _run(self, ex: Execution, model: Any, ctx: ExecutionContext) -> JobOutput:
         """Run until done, cancelled or timed out; stop the engine's request on the latter two."""
         if ctx.cancelled.is_set():
-            raise JobCancelled("cancelled before it started")
+            raise JobCancelled(self._cancel_reason(ex))
         run = asyncio.create_task(model.run(ctx), name=f"run-{ex.job_id}")
-        stop = asyncio.create_task(ctx.cancelled.wait())
+        ex.run_task, ex.model = run, model
         try:
-            done, _ = await asyncio.wait(
-                {run, stop}, timeout=ex.record.spec.timeout_seconds, return_when=asyncio.FIRST_COMPLETED
-            )
+            async with asyncio.timeout(ex.record.spec.timeout_seconds):
+                output: JobOutput = await asyncio.shield(run)
+        except TimeoutError:
+            await self._stop_engine(ex)
+            raise JobTimeout(f"job exceeded its timeout of {ex.record.spec.timeout_seconds:g}s") from None
         except asyncio.CancelledError:
-            run.cancel()
-            stop.cancel()
-            raise
-        if run in done:
-            stop.cancel()
-            return run.result()  # type: ignore[no-any-return]
-        stop.cancel()
-        reason: MnemosError = (
-            JobCancelled((ex.record.error.message if ex.record.error else None) or "cancelled by request")
-            if ctx.cancelled.is_set()
-            else JobTimeout(f"job exceeded its timeout of {ex.record.spec.timeout_seconds:g}s")
-        )
+            if not ex.cancel_requested:  # this task itself is cancelled (drain): stop the run too
+                run.cancel()
+                raise
+            raise JobCancelled(self._cancel_reason(ex)) from None
+        if ex.cancel_requested:  # it stopped on the cancel signal and returned what it had
+            raise JobCancelled(self._cancel_reason(ex), details={"partial_output": output.result})
+        return output
+
+    @staticmethod
+    def _cancel_reason(ex: Execution) -> str:
+        return (ex.record.error.message if ex.record.error else None) or "cancelled by request"
+
+    async def _stop_engine(self, ex: Execution) -> None:
+        """Stop one execution: the engine's request first (vLLM ``abort``), then its task."""
+        ctx, run, model = ex.ctx, ex.run_task, ex.model
+        if ctx is None or run is None or model is None:
+            return
         ctx.cancel()
         try:
             await asyncio.wait_for(model.abort(ctx), timeout=_STOP_GRACE_S)
         except Exception as e:
             log.warning("job %s: abort failed: %r", ex.job_id, e)
-        run.cancel()
-        await asyncio.wait({run}, timeout=_STOP_GRACE_S)
+        done, _ = await asyncio.wait({run}, timeout=_STOP_GRACE_S)
+        if not done:
+            run.cancel()
+            await asyncio.wait({run}, timeout=_STOP_GRACE_S)
         if run.done() and not run.cancelled():
             run.exception()  # retrieved: the stop reason is what counts
-        raise reason
 
     def _sink(self, ex: Execution) -> Callable[[str, Any], None]:
         def sink(text: str, data: Any) -> None:
@@ -311,9 +329,10 @@ class Executor:
                     ex.record = rec
                     return False
                 new.updated_at = utcnow()
+                data = encode(new)
                 try:
-                    ex.revision = await self.jobs.update(new, ex.revision)
-                    ex.record = new
+                    ex.revision = await self.jobs.update(new, ex.revision, data)
+                    ex.record, ex.encoded = new, data
                     return True
                 except Conflict:
                     rec, ex.revision = await self.jobs.get(ex.job_id)
@@ -435,7 +454,7 @@ class Executor:
         """Answer a waiting ``jobs.run`` and write the attempt's final result message."""
         record = ex.record
         if record.reply_to and record.terminal:
-            await self.nc.publish(record.reply_to, encode(record))
+            await self.nc.publish(record.reply_to, ex.encoded or encode(record))
         final = ResultFinal(
             job_id=record.job_id,
             attempt=record.attempt,
@@ -443,7 +462,7 @@ class Executor:
             output=record.output,
             error=record.error,
         )
-        await self.js.publish(self.names.results_subject(record.job_id), encode(final))
+        await publish_acked(self.nc, self.names.results_subject(record.job_id), encode(final))
 
     async def hand_back(self, ex: Execution) -> None:
         """Give a job back to the queue at once (drain timeout): not a failed attempt."""

@@ -227,6 +227,17 @@ class PriorityPuller:
                 counts[level] = counts.get(level, 0) + int(n)
         return counts
 
+    async def pull_rung(self, levels: set[Level], free: int, wait_s: float) -> int:
+        """After the doorbell woke an idle worker: pull the rung levels, highest priority
+        first, each as a long poll of up to ``wait_s`` (jobs that arrive meanwhile are
+        delivered through it at once). No ``STREAM.INFO`` round trip on this path."""
+        taken = 0
+        for level in sorted(levels, key=lambda lv: -lv[1]):
+            if taken >= free:
+                break
+            taken += await self.pull(level, free - taken, wait_s)
+        return taken
+
     async def sweep(self, free: int, hinted: set[Level] | None = None) -> int:
         """Fill up to ``free`` slots, highest priority first; how many jobs arrived.
 

@@ -40,6 +40,10 @@ __all__ = ["Worker"]
 
 log = logging.getLogger("mnemos.worker")
 
+#: How long a doorbell-woken idle worker keeps its pull open for more jobs of that level.
+#: It also bounds how long a higher-priority job can wait behind it while slots are free.
+_IDLE_LONG_POLL_S = 0.1
+
 
 class Worker:
     """One worker process's job machinery. ``async with Worker(...)`` then ``await drain()``."""
@@ -124,7 +128,7 @@ class Worker:
             load_timeout_s=s.model_load_timeout_s,
         )
         self.executor = Executor(
-            self.nc, self.names, JobStore(self.layout.jobs), self.pool, self.worker_id,
+            self.nc, self.names, JobStore(self.nc, self.layout.jobs, self.names.jobs_bucket), self.pool, self.worker_id,
             on_finished=self._on_finished,
         )
         self.puller = PriorityPuller(
@@ -233,22 +237,31 @@ class Worker:
     async def _pull_loop(self) -> None:
         assert self.puller is not None
         puller = self.puller
+        woken = False  # the doorbell (not a freed slot) woke an idle worker
         while True:
             if self.free_slots <= 0 or self._paused:
                 self._slot_freed.clear()
                 await self._slot_freed.wait()
+                woken = False
                 continue
-            hinted = puller.doorbell.take()
+            rung = puller.doorbell.take()
             try:
-                if await puller.sweep(self.free_slots, hinted):
+                if woken and rung:
+                    taken = await puller.pull_rung(rung, self.free_slots, _IDLE_LONG_POLL_S)
+                else:
+                    taken = await puller.sweep(self.free_slots, rung)
+                woken = False
+                if taken:
                     continue
             except (MnemosError, OSError, TimeoutError) as e:
                 log.warning("pull failed (%r); retrying after the doorbell or %ss", e,
                             self.settings.idle_recheck_s)
             except Exception as e:  # nats-py raises its own error types when disconnected
                 log.warning("pull failed (%r)", e)
+            woken = False
             try:
                 await asyncio.wait_for(puller.doorbell.event.wait(), timeout=self.settings.idle_recheck_s)
+                woken = True
             except TimeoutError:
                 pass
 

@@ -195,8 +195,8 @@ def echo(*args: Any, **kwargs: Any) -> dict[str, Any]:
     return {"args": list(args), "kwargs": kwargs}
 
 
-def noop() -> None:
-    """Do nothing (measures platform overhead)."""
+async def noop() -> None:
+    """Do nothing (measures platform overhead; async, so no thread hop)."""
     return None
 
 
