@@ -39,14 +39,13 @@ from mnemos.errors import (
     UnknownRuntime,
     ValidationFailed,
 )
-from mnemos.jetstream import publish_acked
+from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
 from mnemos.kvscan import kv_values
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.messages import (
     ACTIVE_STATUSES,
     CancelJob,
-    Dispatch,
     ErrorInfo,
     ErrorReply,
     GetJob,
@@ -65,6 +64,7 @@ from mnemos.messages import (
     WorkerRecord,
     decode,
     encode,
+    encode_dispatch,
     new_job_id,
     utcnow,
 )
@@ -111,6 +111,7 @@ class ControlPlane:
         self.jobs: JobStore | None = None
         self.catalog: ModelCatalog | None = None
         self.service: Service | None = None
+        self.publisher: Publisher | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._started = False
@@ -122,7 +123,9 @@ class ControlPlane:
             return
         self._started = True
         self.layout = await ensure_layout(self.js, self.names, self._layout_options)
-        self.jobs = JobStore(self.nc, self.layout.jobs, self.names.jobs_bucket)
+        self.publisher = Publisher(self.nc)
+        await self.publisher.start()
+        self.jobs = JobStore(self.publisher, self.layout.jobs, self.names.jobs_bucket)
         self.catalog = ModelCatalog(self.layout.models)
         await self.catalog.start()
         self.service = await add_service(
@@ -168,6 +171,8 @@ class ControlPlane:
             await asyncio.gather(*pending, return_exceptions=True)
         if self.catalog is not None:
             await self.catalog.stop()
+        if self.publisher is not None:
+            await self.publisher.close()
         log.info("control plane stopped")
 
     async def __aenter__(self) -> "ControlPlane":
@@ -243,8 +248,9 @@ class ControlPlane:
             existing = await self._claim_idempotency_key(spec.idempotency_key, record.job_id, layout, jobs)
             if existing is not None:
                 return existing
-        revision = await jobs.create(record)
-        await self._dispatch(record, revision)
+        data = encode(record)
+        revision = await jobs.create(record, data)
+        await self._dispatch(record, revision, data)
         log.debug("job %s queued (%s p%d)", record.job_id, record.runtime, spec.priority)
         return record
 
@@ -297,14 +303,13 @@ class ControlPlane:
                 await asyncio.sleep(0.02)
         raise Conflict(f"idempotency key is held by job {existing_id}, which is not readable yet")
 
-    async def _dispatch(self, record: JobRecord, revision: int) -> None:
+    async def _dispatch(self, record: JobRecord, revision: int, record_json: bytes | None = None) -> None:
         spec = record.spec
         subject = self.names.dispatch_subject(record.runtime, spec.priority, spec.model.family, spec.model.version)
         try:
-            await publish_acked(
-                self.nc,
+            await self.publisher.publish(
                 subject,
-                encode(Dispatch(record=record, revision=revision)),
+                encode_dispatch(record, revision, record_json),
                 headers={HDR_MSG_ID: f"{record.job_id}.{revision}"},
             )
         except MnemosError as e:
@@ -338,7 +343,7 @@ class ControlPlane:
             output=record.output,
             error=record.error,
         )
-        await publish_acked(self.nc, self.names.results_subject(record.job_id), encode(final))
+        await self.publisher.publish(self.names.results_subject(record.job_id), encode(final))
         if record.reply_to:
             await self.nc.publish(record.reply_to, encode(record))
 

@@ -1,20 +1,25 @@
 """A lean JetStream publish-with-ack for the hot path.
 
-``js.publish`` in nats-py parses every ack with ``json.loads`` and a reflective dataclass;
-at thousands of jobs per second that is a visible share of a core. This sends the same
-request (optionally with ``Nats-Expected-Last-Subject-Sequence``, which is all a KV
-compare-and-set is) and decodes the ack with a msgspec Struct.
+``js.publish`` in nats-py draws a random token per request and parses every ack with
+``json.loads`` and a reflective dataclass; at thousands of jobs per second that is a
+visible share of a core. :class:`Publisher` sends the same messages (optionally with
+``Nats-Expected-Last-Subject-Sequence``, which is all a KV compare-and-set is) with
+counter tokens on one inbox and decodes acks with a msgspec Struct.
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+
 import msgspec
-import nats.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from mnemos.errors import Conflict, Unavailable
 
-__all__ = ["publish_acked", "kv_cas"]
+__all__ = ["Publisher"]
 
 _HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
 _WRONG_LAST_SEQUENCE = 10071
@@ -36,43 +41,74 @@ class _PubAck(msgspec.Struct):
 _ack_decoder = msgspec.json.Decoder(_PubAck)
 
 
-async def publish_acked(
-    nc: NATS,
-    subject: str,
-    payload: bytes,
-    *,
-    headers: dict[str, str] | None = None,
-    timeout: float = 5.0,
-) -> int:
-    """Publish to a stream and wait for its ack; the stored sequence.
+class Publisher:
+    """Publishes to JetStream and awaits acks on one wildcard inbox of its own.
 
-    Raises :class:`Conflict` when an expected-sequence header did not match and
-    :class:`Unavailable` when no stream answered or the stream refused the message.
+    Cheaper than ``nc.request`` per message (no random token per request, no reflective
+    ack parsing), and it is what every hot-path write uses: job records (compare-and-set),
+    dispatch messages, result messages. ``start()`` before use; safe to share.
     """
-    try:
-        msg = await nc.request(subject, payload, timeout=timeout, headers=headers)
-    except nats.errors.NoRespondersError as e:
-        raise Unavailable(f"no stream stores {subject}") from e
-    except nats.errors.TimeoutError as e:
-        raise Unavailable(f"no ack from JetStream for {subject} within {timeout}s") from e
-    try:
-        ack = _ack_decoder.decode(msg.data)
-    except msgspec.DecodeError as e:
-        raise Unavailable(f"unreadable JetStream ack for {subject}: {msg.data[:200]!r}") from e
-    if ack.error is not None:
-        if ack.error.err_code == _WRONG_LAST_SEQUENCE:
-            raise Conflict(f"{subject} changed: {ack.error.description}")
-        raise Unavailable(f"JetStream refused {subject}: {ack.error.description} ({ack.error.err_code})")
-    return ack.seq
 
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._prefix = ""
+        self._ids = itertools.count(1)
+        self._waiting: dict[str, asyncio.Future[bytes]] = {}
+        self._sub: Subscription | None = None
 
-async def kv_cas(nc: NATS, key_subject: str, value: bytes, last: int, *, timeout: float = 5.0) -> int:
-    """Write a KV key (its ``$KV.<bucket>.<key>`` subject) only if its current revision is
-    ``last`` (0: only if absent); the new revision."""
-    return await publish_acked(
-        nc,
-        key_subject,
-        value,
-        headers={_HDR_EXPECTED_LAST_SUBJECT_SEQ: str(last)},
-        timeout=timeout,
-    )
+    async def start(self) -> None:
+        if self._sub is None:
+            self._prefix = self.nc.new_inbox()
+            self._sub = await self.nc.subscribe(self._prefix + ".*", cb=self._on_ack)
+
+    async def close(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            await sub.unsubscribe()
+
+    async def _on_ack(self, msg: Msg) -> None:
+        fut = self._waiting.pop(msg.subject[len(self._prefix) + 1 :], None)
+        if fut is None or fut.done():
+            return
+        if msg.headers and msg.headers.get("Status") == "503":
+            fut.set_exception(Unavailable(f"no stream stores that subject ({msg.headers})"))
+        else:
+            fut.set_result(msg.data)
+
+    async def publish(
+        self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None, timeout: float = 5.0
+    ) -> int:
+        """Publish to a stream and wait for its ack; the stored sequence.
+
+        Raises :class:`Conflict` when an expected-sequence header did not match and
+        :class:`Unavailable` when no stream answered or the stream refused the message.
+        """
+        if self._sub is None:
+            raise Unavailable("the JetStream publisher is not started")
+        token = str(next(self._ids))
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._waiting[token] = fut
+        try:
+            await self.nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=headers)
+            async with asyncio.timeout(timeout):
+                data = await fut
+        except TimeoutError as e:
+            raise Unavailable(f"no ack from JetStream for {subject} within {timeout}s") from e
+        finally:
+            self._waiting.pop(token, None)
+        try:
+            ack = _ack_decoder.decode(data)
+        except msgspec.DecodeError as e:
+            raise Unavailable(f"unreadable JetStream ack for {subject}: {data[:200]!r}") from e
+        if ack.error is not None:
+            if ack.error.err_code == _WRONG_LAST_SEQUENCE:
+                raise Conflict(f"{subject} changed: {ack.error.description}")
+            raise Unavailable(f"JetStream refused {subject}: {ack.error.description} ({ack.error.err_code})")
+        return ack.seq
+
+    async def kv_cas(self, key_subject: str, value: bytes, last: int, *, timeout: float = 5.0) -> int:
+        """Write a KV key (its ``$KV.<bucket>.<key>`` subject) only if its current revision
+        is ``last`` (0: only if absent); the new revision."""
+        return await self.publish(
+            key_subject, value, headers={_HDR_EXPECTED_LAST_SUBJECT_SEQ: str(last)}, timeout=timeout
+        )

@@ -11,12 +11,11 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable
 
-from nats.aio.client import Client as NATS
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
 from mnemos.errors import Conflict, JobNotFound, ValidationFailed
-from mnemos.jetstream import kv_cas
+from mnemos.jetstream import Publisher
 from mnemos.kvscan import kv_values
 from mnemos.names import Names
 from mnemos.messages import JobRecord, decode, encode, utcnow
@@ -36,15 +35,17 @@ def check_job_id(job_id: str) -> str:
 class JobStore:
     """Typed access to job records (writes go through the lean :func:`kv_cas`)."""
 
-    def __init__(self, nc: NATS, kv: KeyValue, bucket: str) -> None:
-        self.nc = nc
+    def __init__(self, publisher: Publisher, kv: KeyValue, bucket: str) -> None:
+        self.publisher = publisher
         self.kv = kv
         self.bucket = bucket
 
-    async def create(self, record: JobRecord) -> int:
-        """Store a new record; its revision. Raises Conflict if the id exists."""
+    async def create(self, record: JobRecord, data: bytes | None = None) -> int:
+        """Store a new record (or its already encoded ``data``); its revision. Raises
+        Conflict if the id exists."""
+        subject = Names.kv_key_subject(self.bucket, record.job_id)
         try:
-            return await kv_cas(self.nc, Names.kv_key_subject(self.bucket, record.job_id), encode(record), 0)
+            return await self.publisher.kv_cas(subject, data if data is not None else encode(record), 0)
         except Conflict as e:
             raise Conflict(f"job {record.job_id} already exists") from e
 
@@ -64,7 +65,7 @@ class JobStore:
         ``revision``; the new revision."""
         subject = Names.kv_key_subject(self.bucket, record.job_id)
         try:
-            return await kv_cas(self.nc, subject, data if data is not None else encode(record), revision)
+            return await self.publisher.kv_cas(subject, data if data is not None else encode(record), revision)
         except Conflict as e:
             raise Conflict(f"job {record.job_id} changed since revision {revision}") from e
 

@@ -34,6 +34,7 @@ __all__ = [
     "Timings",
     "JobRecord",
     "Dispatch",
+    "encode_dispatch",
     "ResultChunk",
     "ResultFinal",
     "ResultMessage",
@@ -259,6 +260,18 @@ class Dispatch(_Strict, tag="io.mnemos.v1.dispatch", tag_field="type"):
 
     record: JobRecord
     revision: PositiveInt
+
+
+class _DispatchOut(_Strict, tag="io.mnemos.v1.dispatch", tag_field="type"):
+    """:class:`Dispatch` with the record embedded pre-encoded (same JSON, one encode less)."""
+
+    record: msgspec.Raw
+    revision: int
+
+
+def encode_dispatch(record: JobRecord, revision: int, record_json: bytes | None = None) -> bytes:
+    """The JSON of ``Dispatch(record, revision)``, reusing ``record_json`` when given."""
+    return encode(_DispatchOut(record=msgspec.Raw(record_json or encode(record)), revision=revision))
 
 
 # ----------------------------------------------------------------------------- results

@@ -29,7 +29,6 @@ from mnemos.errors import (
     ValidationFailed,
     WorkerLost,
 )
-from mnemos.jetstream import publish_acked
 from mnemos.jobstore import JobStore
 from mnemos.messages import (
     ACTIVE_STATUSES,
@@ -281,6 +280,8 @@ class Executor:
             await asyncio.wait_for(model.abort(ctx), timeout=_STOP_GRACE_S)
         except Exception as e:
             log.warning("job %s: abort failed: %r", ex.job_id, e)
+        if model.stop_by_cancelling_task:
+            run.cancel()
         done, _ = await asyncio.wait({run}, timeout=_STOP_GRACE_S)
         if not done:
             run.cancel()
@@ -462,7 +463,7 @@ class Executor:
             output=record.output,
             error=record.error,
         )
-        await publish_acked(self.nc, self.names.results_subject(record.job_id), encode(final))
+        await self.jobs.publisher.publish(self.names.results_subject(record.job_id), encode(final))
 
     async def hand_back(self, ex: Execution) -> None:
         """Give a job back to the queue at once (drain timeout): not a failed attempt."""

@@ -4,14 +4,17 @@ Layout: one durable pull consumer per (runtime, priority), shared by every worke
 runtime (work-queue streams allow exactly one consumer per filter). ``fetch()`` would
 return messages in stream order, so priority is the worker's job:
 
-- **Sweep** (a slot is free): one ``STREAM.INFO`` with ``subjects_filter`` gives the count
-  queued per subject; the worker then pulls ``no_wait`` from the non-empty levels from
-  priority 10 down until its free slots are used. Two round trips pick the right job.
-- **Doorbell** (nothing queued): the worker holds a plain core subscription on
-  ``mnemos.dispatch.<runtime>.>``; a new job's publish rings it at once, and the worker
-  pulls that level with a short wait (the doorbell can arrive a hair before the stream has
-  stored the message). Because the subscription exists before the sweep, no job that
-  arrives between a sweep and the wait can be missed.
+- **Doorbell**: the worker holds a plain core subscription on
+  ``mnemos.dispatch.<runtime>.>``, so every new job's publish tells it which level just
+  got work, at once. An idle worker wakes on it and pulls that level as a short long-poll
+  (the doorbell can arrive a hair before the stream has stored the message). Because the
+  subscription exists before any sweep, no job that arrives in between can be missed.
+- **Sweep** (a slot is free): the worker pulls ``no_wait`` from the levels that rang since
+  the last sweep and the levels its last pull left non-empty (the pending count rides on
+  every delivered message), priority 10 first, until its free slots are used: one round
+  trip under load. Only when that finds nothing although a level rang, at start, and on
+  idle re-checks does it ask ``STREAM.INFO`` (``subjects_filter``) for the count queued
+  per subject.
 
 Pull requests are raw ``$JS.API.CONSUMER.MSG.NEXT`` requests on one inbox, one at a time,
 so a request never asks for more messages than the worker has free slots. (Delivered
@@ -47,6 +50,8 @@ class _Pull:
     batch: int
     done: asyncio.Future[int]
     received: int = 0
+    #: The consumer's pending count after the last job delivered (from its ack subject).
+    pending: int = 0
 
 
 @dataclass
@@ -90,6 +95,12 @@ class PriorityPuller:
         self._pulls: dict[str, _Pull] = {}
         self._current: _Pull | None = None
         self._one_at_a_time = asyncio.Lock()
+        #: Per level, how many jobs its consumer still had after our last pull there.
+        self._pending: dict[Level, int] = {}
+        self._last_pending = 0
+        self._resync = True
+        #: Levels whose doorbell rang and that no pull has found empty since.
+        self._hints: set[Level] = set()
         self._inbox = ""
         self._subs: list[Subscription] = []
         self._info_subject = names.stream_info_subject(names.dispatch_stream)
@@ -166,8 +177,13 @@ class PriorityPuller:
         pull = self._current
         if pull is not None:
             pull.received += 1
-            if pull.received >= pull.batch and not pull.done.done():
-                pull.done.set_result(pull.received)
+            if pull.received >= pull.batch:
+                try:
+                    pull.pending = msg.metadata.num_pending
+                except Exception:  # noqa: BLE001 - an unparsable ack subject: assume more
+                    pull.pending = 1
+                if not pull.done.done():
+                    pull.done.set_result(pull.received)
 
     # ------------------------------------------------------------------ pulling
 
@@ -205,10 +221,13 @@ class PriorityPuller:
                 return await asyncio.wait_for(asyncio.shield(pull.done), timeout=(wait_s or 0.0) + 5.0)
             except TimeoutError:
                 log.warning("pull on %s p%d got no answer; continuing", runtime, priority)
+                self._resync = True
                 return pull.received
         finally:
             self._pulls.pop(rid, None)
             self._current = None
+            # A full batch may have left more behind; a short one (ended by 404/408) did not.
+            self._last_pending = pull.pending if pull.received >= pull.batch else 0
 
     async def queued(self) -> dict[Level, int]:
         """Messages in the stream per (runtime, priority) (including ones being worked on)."""
@@ -238,24 +257,52 @@ class PriorityPuller:
             taken += await self.pull(level, free - taken, wait_s)
         return taken
 
-    async def sweep(self, free: int, hinted: set[Level] | None = None) -> int:
+    async def sweep(self, free: int, rung: set[Level] | None = None) -> int:
         """Fill up to ``free`` slots, highest priority first; how many jobs arrived.
 
-        ``hinted`` levels rang the doorbell: if the stream does not show their job yet,
-        they get a short waiting pull instead of being skipped.
+        Where to look comes from what the worker already knows, so a sweep under load is
+        one ``no_wait`` pull: levels whose doorbell rang (``rung``, kept until a pull finds
+        the level drained) and levels whose last pull said more were pending. ``STREAM.INFO`` is asked only
+        when that finds nothing although a rung level should have had a job (its publish
+        can ring a hair before the stream stores it), at start, and on :meth:`resync`.
         """
         if free <= 0:
             return 0
-        hinted = hinted or set()
-        counts = await self.queued()
+        self._hints |= rung or set()
+        candidates = self._hints | {level for level, n in self._pending.items() if n > 0}
         taken = 0
-        for priority in reversed(PRIORITIES):
-            for runtime in self.runtimes:
-                level = (runtime, priority)
-                n = counts.get(level, 0)
-                if n == 0 and level not in hinted:
-                    continue
-                taken += await self.pull(level, free - taken, None if n > 0 else 0.05)
-                if taken >= free:
-                    return taken
+        suspects: set[Level] = set()
+        for level in self._by_priority(candidates):
+            want = free - taken
+            got = await self._pull_level(level, want, None)
+            if got < want:  # drained (a level left unvisited keeps its hint)
+                if got == 0 and level in self._hints:
+                    suspects.add(level)
+                self._hints.discard(level)
+            taken += got
+            if taken >= free:
+                return taken
+        if taken or not (suspects or self._resync):
+            return taken
+        self._resync = False
+        counts = await self.queued()
+        for level in self._by_priority(set(counts) | suspects):
+            n = counts.get(level, 0)
+            # A rung level the stream does not show yet gets a short waiting pull.
+            taken += await self._pull_level(level, free - taken, None if n > 0 else 0.05)
+            if taken >= free:
+                break
         return taken
+
+    def resync(self) -> None:
+        """Ask the stream what is queued at the next sweep (after reconnects, idle re-checks)."""
+        self._resync = True
+
+    def _by_priority(self, levels: set[Level]) -> list[Level]:
+        order = {rt: i for i, rt in enumerate(self.runtimes)}
+        return sorted(levels, key=lambda lv: (-lv[1], order.get(lv[0], 99)))
+
+    async def _pull_level(self, level: Level, batch: int, wait_s: float | None) -> int:
+        got = await self.pull(level, batch, wait_s)
+        self._pending[level] = self._last_pending if got else 0
+        return got

@@ -22,6 +22,7 @@ from nats.aio.subscription import Subscription
 from mnemos.catalog import ModelCatalog
 from mnemos.config import NatsSettings
 from mnemos.errors import MnemosError, ValidationFailed
+from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
 from mnemos.layout import Layout, ensure_layout
 from mnemos.messages import JobRecord, WorkerCommand, WorkerRecord, decode, encode, utcnow
@@ -72,6 +73,7 @@ class Worker:
         self.pool: ModelPool | None = None
         self.executor: Executor | None = None
         self.puller: PriorityPuller | None = None
+        self.publisher: Publisher | None = None
         self.registered_at = utcnow()
         self.started_monotonic = time.monotonic()
         #: Set when the worker wants its process to exit (recycling or a drain command).
@@ -127,8 +129,11 @@ class Worker:
             memory_budget_bytes=int(s.model_memory_budget_mb * 2**20) if s.model_memory_budget_mb else None,
             load_timeout_s=s.model_load_timeout_s,
         )
+        self.publisher = Publisher(self.nc)
+        await self.publisher.start()
         self.executor = Executor(
-            self.nc, self.names, JobStore(self.nc, self.layout.jobs, self.names.jobs_bucket), self.pool, self.worker_id,
+            self.nc, self.names, JobStore(self.publisher, self.layout.jobs, self.names.jobs_bucket), self.pool,
+            self.worker_id,
             on_finished=self._on_finished,
         )
         self.puller = PriorityPuller(
@@ -187,6 +192,8 @@ class Worker:
             await self.pool.close()
         if self.catalog is not None:
             await self.catalog.stop()
+        if self.publisher is not None:
+            await self.publisher.close()
         self._status = "stopped"
         log.info("worker %s stopped", self.worker_id)
         if self._fatal is not None:
@@ -263,7 +270,7 @@ class Worker:
                 await asyncio.wait_for(puller.doorbell.event.wait(), timeout=self.settings.idle_recheck_s)
                 woken = True
             except TimeoutError:
-                pass
+                puller.resync()
 
     def _on_message(self, msg: Msg) -> None:
         if self._draining or self.executor is None:

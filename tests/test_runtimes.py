@@ -338,13 +338,17 @@ async def test_python_bad_entrypoints_fail_to_load(demo_functions_dir: Path, ent
         await load_fn(demo_functions_dir, entrypoint)
 
 
-async def test_python_cancel_flag_stops_a_coroutine(user_functions: Path) -> None:
+async def test_python_coroutine_stops_the_way_the_executor_stops_it(user_functions: Path) -> None:
+    # Coroutines run in the executor's task and declare that a stop cancels that task.
     fn = await load_fn(user_functions, "user.py:wait_forever")
+    assert fn.stop_by_cancelling_task is True
     job = fn_job()
     task = asyncio.create_task(fn.run(job.ctx))
     await assert_eventually(lambda: fn.fn.__globals__["state"]["started"])
     await fn.abort(job.ctx)
-    with pytest.raises(JobCancelled):
+    assert job.ctx.cancelled.is_set()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
         await asyncio.wait_for(task, timeout=2)
     assert fn.fn.__globals__["state"]["cancelled"] is True
 

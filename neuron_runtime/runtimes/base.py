@@ -72,6 +72,9 @@ class LoadedModel(abc.ABC):
     memory_bytes: int = 0
     #: How many jobs may run on this model at once (vLLM batches; a CPU model runs one).
     max_concurrency: int = 1
+    #: Stopping an execution may cancel its asyncio task right after :meth:`abort` (plain
+    #: coroutines); otherwise the run gets a grace period to wind down on ``ctx.cancelled``.
+    stop_by_cancelling_task: bool = False
 
     @abc.abstractmethod
     async def run(self, ctx: ExecutionContext) -> JobOutput:

@@ -122,6 +122,7 @@ class PythonFunction(LoadedModel):
     """A user function ready to call; many calls may run at once."""
 
     max_concurrency = 1000
+    stop_by_cancelling_task = True
 
     def __init__(
         self, record: ModelRecord, fn: Callable[..., Any], config: PythonConfig, module_name: str | None
@@ -154,7 +155,9 @@ class PythonFunction(LoadedModel):
             if inspect.isasyncgenfunction(fn):
                 result: Any = await self._stream_async(ctx, fn(*args, **kwargs))
             elif inspect.iscoroutinefunction(fn):
-                result = await self._await(ctx, fn(*args, **kwargs))
+                # Awaited in the executor's run task: a cancel or timeout cancels that task
+                # (``stop_by_cancelling_task``), so no racing task is needed on this path.
+                result = await fn(*args, **kwargs)
             elif inspect.isgeneratorfunction(fn):
                 result = await self._stream_sync(ctx, lambda: fn(*args, **kwargs))
             else:
