@@ -17,6 +17,9 @@ class ControlPlaneSettings(BaseSettings):
     max_in_flight: int = Field(default=2048, gt=0)
     #: Seconds to finish in-flight requests at shutdown.
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
+    #: A ``jobs.run`` job's record is written by the worker's claim; if no worker has claimed
+    #: it after this long, the control plane writes the ``queued`` record (0: always at once).
+    run_record_delay_s: float = Field(default=1.0, ge=0)
     #: How long finished job records are kept in KV.
     job_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
     results_retention_s: float = Field(default=24 * 3600, gt=0)

@@ -24,6 +24,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from control_plane.config import ControlPlaneSettings
+from control_plane.deferred import DeferredRecords
 from mnemos.catalog import ModelCatalog
 from mnemos.config import NatsSettings
 from mnemos.errors import (
@@ -112,6 +113,7 @@ class ControlPlane:
         self.catalog: ModelCatalog | None = None
         self.service: Service | None = None
         self.publisher: Publisher | None = None
+        self.deferred: DeferredRecords | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._started = False
@@ -126,6 +128,11 @@ class ControlPlane:
         self.publisher = Publisher(self.nc)
         await self.publisher.start()
         self.jobs = JobStore(self.publisher, self.layout.jobs, self.names.jobs_bucket)
+        if self.settings.run_record_delay_s > 0:
+            self.deferred = DeferredRecords(
+                self.jobs, self.js, self.names.dispatch_stream, self.settings.run_record_delay_s
+            )
+            self.deferred.start()
         self.catalog = ModelCatalog(self.layout.models)
         await self.catalog.start()
         self.service = await add_service(
@@ -169,6 +176,8 @@ class ControlPlane:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self.deferred is not None:
+            await self.deferred.stop()
         if self.catalog is not None:
             await self.catalog.stop()
         if self.publisher is not None:
@@ -249,8 +258,14 @@ class ControlPlane:
             if existing is not None:
                 return existing
         data = encode(record)
-        revision = await jobs.create(record, data)
-        await self._dispatch(record, revision, data)
+        if reply_to is not None and spec.idempotency_key is None and self.deferred is not None:
+            # jobs.run: one write now; the claim (or the deferred writer) creates the record.
+            seq = await self._dispatch(record, 0, data)
+            consumer = self.names.dispatch_consumer(record.runtime, spec.priority)
+            self.deferred.add(record, data, consumer, seq)
+        else:
+            revision = await jobs.create(record, data)
+            await self._dispatch(record, revision, data)
         log.debug("job %s queued (%s p%d)", record.job_id, record.runtime, spec.priority)
         return record
 
@@ -303,18 +318,20 @@ class ControlPlane:
                 await asyncio.sleep(0.02)
         raise Conflict(f"idempotency key is held by job {existing_id}, which is not readable yet")
 
-    async def _dispatch(self, record: JobRecord, revision: int, record_json: bytes | None = None) -> None:
+    async def _dispatch(self, record: JobRecord, revision: int, record_json: bytes | None = None) -> int:
+        """Queue ``record`` (at KV ``revision``) for its runtime and priority; the stream sequence."""
         spec = record.spec
         subject = self.names.dispatch_subject(record.runtime, spec.priority, spec.model.family, spec.model.version)
         try:
-            await self.publisher.publish(
+            return await self.publisher.publish(
                 subject,
                 encode_dispatch(record, revision, record_json),
                 headers={HDR_MSG_ID: f"{record.job_id}.{revision}"},
             )
         except MnemosError as e:
             err = Unavailable(f"could not queue job {record.job_id}: {e!r}")
-            await self._finish(record.job_id, "failed", err.info())
+            if revision:  # a stored record must not stay queued forever
+                await self._finish(record.job_id, "failed", err.info())
             raise err from e
 
     async def _finish(self, job_id: str, status: str, error: ErrorInfo) -> JobRecord | None:

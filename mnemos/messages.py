@@ -259,7 +259,8 @@ class Dispatch(_Strict, tag="io.mnemos.v1.dispatch", tag_field="type"):
     """
 
     record: JobRecord
-    revision: PositiveInt
+    #: The record's KV revision; 0 when it is not written yet (``jobs.run``: the claim creates it).
+    revision: NonNegInt
 
 
 class _DispatchOut(_Strict, tag="io.mnemos.v1.dispatch", tag_field="type"):

@@ -98,3 +98,33 @@ async def test_idle_worker_starts_new_job_without_polling(control_plane, start_w
     record = await client.run(job_spec("demo-fn:v1", function="noop"), timeout=5)
     assert record.status == "completed"
     assert record.timings.queue_ms < 200, record.timings
+
+
+async def test_waiting_run_job_gets_a_record_and_can_be_cancelled(
+    nats_settings, layout, demo_fn, client, nc
+) -> None:
+    """A jobs.run job is written by its claim; unclaimed after the delay, the control plane
+    writes it as queued, so it is listed and cancellable (and the caller hears of it)."""
+    from control_plane import ControlPlane, ControlPlaneSettings
+
+    async with ControlPlane(nc, nats_settings, ControlPlaneSettings(run_record_delay_s=0.2)):
+        waiting = asyncio.create_task(client.run(job_spec("demo-fn:v1", function="noop"), timeout=20))
+        async def queued_jobs():
+            return (await client.list(status=["queued"])).jobs
+
+        [queued] = await assert_eventually(queued_jobs, timeout=5)
+        cancelled = await client.cancel(queued.job_id)
+        assert cancelled.status == "cancelled"
+        answer = await asyncio.wait_for(waiting, timeout=5)
+        assert answer.job_id == queued.job_id and answer.status == "cancelled"
+
+
+async def test_run_job_claimed_in_time_needs_no_control_plane_record(
+    control_plane, start_worker, demo_fn, client
+) -> None:
+    await start_worker()
+    done = await client.run(job_spec("demo-fn:v1", function="add", args=[1, 2]), timeout=30)
+    assert done.status == "completed"
+    await asyncio.sleep(1.5)  # past the deferred-record delay: nothing overwrites it
+    again = await client.get(done.job_id)
+    assert again.status == "completed" and again.output.result == 3
