@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
             k.add_argument("--roundtrips", type=int, default=500)
             k.add_argument("--slots", type=int, default=256, help="concurrent jobs per worker")
         else:
-            k.add_argument("--runs", type=int, default=5)
+            k.add_argument("--runs", type=int, default=10)
             k.add_argument("--max-tokens", type=int, default=200)
     args = p.parse_args(argv)
     if args.kind == "noop":

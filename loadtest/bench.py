@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
@@ -94,71 +95,90 @@ async def bench_noop(settings: NatsSettings, o: NoopOptions) -> dict[str, float]
 
 @dataclass
 class StreamOptions:
-    runs: int = 5
+    runs: int = 10
     max_tokens: int = 200
     prompt: str = "the quick brown fox"
 
 
-async def _in_process(o: StreamOptions) -> tuple[float, float]:
-    """Tokens/s and TTFT (ms) of the same runtime code, no platform in between."""
-    from mnemos.messages import ArtifactLocation, ModelRecord, utcnow
-    from mnemos.runtime_config import TransformersConfig
-    from neuron_runtime.runtimes.base import ExecutionContext
-    from neuron_runtime.runtimes.transformers import TransformersRuntime
-    from registry.demo import build_demo_model
+class _InProcess:
+    """The same runtime code on the same tiny model, called directly (no platform)."""
 
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_demo_model(Path(tmp) / "m")
+    def __init__(self, o: StreamOptions) -> None:
+        self.o = o
+        self._tmp = tempfile.TemporaryDirectory()
+        self.loaded: Any = None
+
+    async def __aenter__(self) -> "_InProcess":
+        import torch
+
+        from mnemos.messages import ArtifactLocation, ModelRecord, utcnow
+        from mnemos.runtime_config import TransformersConfig
+        from neuron_runtime.config import WorkerSettings
+        from neuron_runtime.runtimes.transformers import TransformersRuntime
+        from registry.demo import build_demo_model
+
+        torch.set_num_threads(WorkerSettings().torch_threads)  # what the worker uses
+        model_dir = build_demo_model(Path(self._tmp.name) / "m")
         record = ModelRecord(family="demo-gpt2", version="v1", runtime="transformers",
                              artifact=ArtifactLocation(store="nats", bucket="-", prefix="-"), files=[],
                              total_size=0, created_at=utcnow())
-        loaded = await TransformersRuntime().load(record, model_dir, TransformersConfig())
-        spec = job_spec("demo-gpt2:v1", prompt=o.prompt, max_tokens=o.max_tokens, temperature=0)
-        rates, ttfts = [], []
-        for i in range(o.runs + 1):
-            ctx = ExecutionContext(job_id=f"bench{i}", attempt=1, spec=spec)
-            t0 = time.perf_counter()
-            ctx.started = t0
-            out = await loaded.run(ctx)
-            elapsed = time.perf_counter() - t0
-            if i == 0:
-                continue  # warm-up
-            rates.append(out.metadata["completion_tokens"] / elapsed)
-            ttfts.append(ctx.first_token_ms or 0.0)
-        await loaded.unload()
-        return statistics.median(rates), statistics.median(ttfts)
+        self.loaded = await TransformersRuntime().load(record, model_dir, TransformersConfig())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.loaded.unload()
+        self._tmp.cleanup()
+
+    async def once(self, i: int) -> tuple[float, float]:
+        """(tokens/s, time to first token in ms) of one generation."""
+        from neuron_runtime.runtimes.base import ExecutionContext
+
+        spec = job_spec("demo-gpt2:v1", prompt=self.o.prompt, max_tokens=self.o.max_tokens, temperature=0)
+        ctx = ExecutionContext(job_id=f"bench{i}", attempt=1, spec=spec)
+        t0 = time.perf_counter()
+        ctx.started = t0
+        out = await self.loaded.run(ctx)
+        return out.metadata["completion_tokens"] / (time.perf_counter() - t0), ctx.first_token_ms or 0.0
 
 
-async def _through_platform(settings: NatsSettings, o: StreamOptions) -> tuple[float, float]:
-    client = await Client.connect(settings, request_timeout=60)
+async def _through_platform_once(client: Client, o: StreamOptions) -> tuple[float, float]:
+    """(tokens/s, time to first token in ms), submit to the final message, at the client."""
     spec = job_spec("demo-gpt2:v1", prompt=o.prompt, max_tokens=o.max_tokens, temperature=0)
-    try:
-        rates, ttfts = [], []
-        for i in range(o.runs + 1):
-            t0 = time.perf_counter()
-            job = await client.submit(spec)
-            first: float | None = None
-            async for item in client.stream(job.job_id):
-                if isinstance(item, ResultChunk) and first is None:
-                    first = time.perf_counter()
-            elapsed = time.perf_counter() - t0
-            record = await client.get(job.job_id)
-            if i == 0:
-                continue  # the first job loads the model
-            tokens = record.output.metadata["completion_tokens"] if record.output else 0
-            rates.append(tokens / elapsed)
-            ttfts.append(((first or t0) - t0) * 1000.0)
-        return statistics.median(rates), statistics.median(ttfts)
-    finally:
-        await client.close()
+    t0 = time.perf_counter()
+    job = await client.submit(spec)
+    first: float | None = None
+    async for item in client.stream(job.job_id):
+        if isinstance(item, ResultChunk) and first is None:
+            first = time.perf_counter()
+    elapsed = time.perf_counter() - t0
+    record = await client.get(job.job_id)
+    tokens = record.output.metadata["completion_tokens"] if record.output else 0
+    return tokens / elapsed, ((first or t0) - t0) * 1000.0
 
 
 async def bench_stream(settings: NatsSettings, o: StreamOptions) -> dict[str, float]:
-    local_rate, local_ttft = await _in_process(o)
+    """Alternate in-process and through-platform generations (same machine state); medians."""
+    client = await Client.connect(settings, request_timeout=60)
+    try:
+        async with _InProcess(o) as local:
+            await local.once(-1)  # warm-up
+            await _through_platform_once(client, o)  # the worker loads the model
+            lr, lt, pr, pt = [], [], [], []
+            for i in range(o.runs):
+                rate, ttft = await local.once(i)
+                lr.append(rate)
+                lt.append(ttft)
+                rate, ttft = await _through_platform_once(client, o)
+                pr.append(rate)
+                pt.append(ttft)
+    finally:
+        await client.close()
+    local_rate, rate = statistics.median(lr), statistics.median(pr)
+    local_ttft, ttft = statistics.median(lt), statistics.median(pt)
     print(f"in-process:     {local_rate:,.0f} tokens/s, first token {local_ttft:.1f} ms "
           f"(median of {o.runs}, {o.max_tokens} tokens, greedy)")
-    rate, ttft = await _through_platform(settings, o)
-    print(f"through MNEMOS: {rate:,.0f} tokens/s, first token {ttft:.1f} ms (submit -> first chunk at client)")
+    print(f"through MNEMOS: {rate:,.0f} tokens/s, first token {ttft:.1f} ms "
+          "(at the client: submit -> first chunk, submit -> final message)")
     print(f"streaming efficiency: {100.0 * rate / local_rate:.1f}% of in-process tokens/s")
     return {"local_tokens_per_s": local_rate, "platform_tokens_per_s": rate, "local_ttft_ms": local_ttft,
             "platform_ttft_ms": ttft}

@@ -67,7 +67,7 @@ class Publisher:
             await sub.unsubscribe()
 
     async def _on_ack(self, msg: Msg) -> None:
-        fut = self._waiting.pop(msg.subject[len(self._prefix) + 1 :], None)
+        fut = self._waiting.pop(msg.subject[len(self._prefix) + 1 :], None)  # expired ones are gone
         if fut is None or fut.done():
             return
         if msg.headers and msg.headers.get("Status") == "503":
@@ -75,13 +75,12 @@ class Publisher:
         else:
             fut.set_result(msg.data)
 
-    async def publish(
-        self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None, timeout: float = 5.0
-    ) -> int:
-        """Publish to a stream and wait for its ack; the stored sequence.
+    async def send(
+        self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None
+    ) -> asyncio.Future[bytes]:
+        """Publish without waiting; the future of the raw ack (check it with :meth:`acked`).
 
-        Raises :class:`Conflict` when an expected-sequence header did not match and
-        :class:`Unavailable` when no stream answered or the stream refused the message.
+        Messages sent one after another from one task are stored in that order.
         """
         if self._sub is None:
             raise Unavailable("the JetStream publisher is not started")
@@ -90,12 +89,21 @@ class Publisher:
         self._waiting[token] = fut
         try:
             await self.nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=headers)
+        except BaseException:
+            self._waiting.pop(token, None)
+            raise
+        return fut
+
+    async def acked(self, fut: asyncio.Future[bytes], subject: str, timeout: float = 5.0) -> int:
+        """Wait for an ack from :meth:`send`; the stored sequence (errors as in :meth:`publish`)."""
+        try:
             async with asyncio.timeout(timeout):
                 data = await fut
         except TimeoutError as e:
             raise Unavailable(f"no ack from JetStream for {subject} within {timeout}s") from e
         finally:
-            self._waiting.pop(token, None)
+            if not fut.done():
+                fut.cancel()
         try:
             ack = _ack_decoder.decode(data)
         except msgspec.DecodeError as e:
@@ -105,6 +113,16 @@ class Publisher:
                 raise Conflict(f"{subject} changed: {ack.error.description}")
             raise Unavailable(f"JetStream refused {subject}: {ack.error.description} ({ack.error.err_code})")
         return ack.seq
+
+    async def publish(
+        self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None, timeout: float = 5.0
+    ) -> int:
+        """Publish to a stream and wait for its ack; the stored sequence.
+
+        Raises :class:`Conflict` when an expected-sequence header did not match and
+        :class:`Unavailable` when no stream answered or the stream refused the message.
+        """
+        return await self.acked(await self.send(subject, payload, headers=headers), subject, timeout)
 
     async def kv_cas(self, key_subject: str, value: bytes, last: int, *, timeout: float = 5.0) -> int:
         """Write a KV key (its ``$KV.<bucket>.<key>`` subject) only if its current revision

@@ -27,6 +27,8 @@ class LayoutOptions:
     #: How long finished job records and result streams are kept.
     job_retention_s: float = 7 * 24 * 3600
     results_retention_s: float = 24 * 3600
+    #: Result streams are bounded by size too; the oldest messages go first.
+    results_max_bytes: int = 4 * 2**30
     idempotency_window_s: float = 24 * 3600
 
 
@@ -88,6 +90,8 @@ async def ensure_layout(js: JetStreamContext, names: Names, options: LayoutOptio
             description="MNEMOS result chunks and final messages per job",
             subjects=[names.results_all],
             retention=jsapi.RetentionPolicy.LIMITS,
+            discard=jsapi.DiscardPolicy.OLD,
+            max_bytes=o.results_max_bytes,
             storage=jsapi.StorageType.FILE,
             max_age=o.results_retention_s,
             num_replicas=o.replicas,

@@ -44,6 +44,12 @@ class WorkerSettings(BaseSettings):
     max_jobs: int | None = Field(default=None, ge=1)
     max_rss_mb: float | None = Field(default=None, gt=0)
     max_lifetime_s: float | None = Field(default=None, gt=0)
+    #: Streamed text arriving within this many ms of the last chunk is merged into the next
+    #: chunk (the first token is always sent at once). 0: one message per token.
+    stream_interval_ms: float = Field(default=20.0, ge=0, le=1000)
+    #: PyTorch intra-op threads for CPU inference; default: all cores but one, which is
+    #: left to the event loop and NATS (for small models fewer threads are also faster).
+    torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1), ge=1)
     tags: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
     version: str = "0.1.0"
 

@@ -83,34 +83,71 @@ class Execution:
 
 
 class _ChunkStream:
-    """Publishes an execution's chunks to ``mnemos.results.<job_id>`` in order, never blocking."""
+    """Publishes an execution's chunks to ``mnemos.results.<job_id>`` in order, never blocking
+    the runtime: ``emit`` only queues and one task sends.
 
-    def __init__(self, nc: NATS, subject: str, job_id: str, attempt: int) -> None:
-        self._js = nc.jetstream()
+    Text that arrives within ``interval_s`` of the last chunk sent is merged into the next
+    chunk (sent when the interval is up): the first token always goes out at once, a slow
+    model streams token by token, and a fast one does not spend its CPU on a message per
+    token. Chunks with ``data`` (items of a Python generator) are never merged.
+
+    Chunks go out without an ack request; they are still stored in order: the stream takes
+    one connection's messages in order, it discards old messages rather than refuse new
+    ones, and the attempt's final message, published after them with an ack, returns only
+    once everything before it on this connection has been processed.
+    """
+
+    def __init__(self, nc: NATS, subject: str, job_id: str, attempt: int, interval_s: float) -> None:
+        self._nc = nc
         self._subject = subject
         self._job_id = job_id
         self._attempt = attempt
+        self._interval = interval_s
+        self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[ResultChunk | None] = asyncio.Queue()
-        self._acks: list[asyncio.Future[Any]] = []
         self._seq = 0
+        self._pending_text: list[str] = []
+        self._flush_at: asyncio.TimerHandle | None = None
+        self._last_sent = -1e9
         self._task = asyncio.create_task(self._pump(), name=f"chunks-{job_id}")
 
     def emit(self, text: str, data: Any) -> None:
+        if data is not None:
+            self._flush()
+            self._put(text, data)
+            return
+        self._pending_text.append(text)
+        if self._flush_at is None:
+            wait = self._last_sent + self._interval - self._loop.time()
+            if wait <= 0:
+                self._flush()
+            else:
+                self._flush_at = self._loop.call_later(wait, self._flush)
+
+    def _flush(self) -> None:
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
+        if self._pending_text:
+            text, self._pending_text = "".join(self._pending_text), []
+            self._put(text, None)
+
+    def _put(self, text: str, data: Any) -> None:
         self._queue.put_nowait(
             ResultChunk(job_id=self._job_id, attempt=self._attempt, seq=self._seq, text=text, data=data)
         )
         self._seq += 1
+        self._last_sent = self._loop.time()
 
     async def _pump(self) -> None:
         while (chunk := await self._queue.get()) is not None:
-            self._acks.append(await self._js.publish_async(self._subject, encode(chunk)))
+            await self._nc.publish(self._subject, encode(chunk))
 
     async def close(self) -> None:
-        """Wait until every chunk is stored (so the final message comes after them)."""
+        """Send what is queued; the final message (acked) follows."""
+        self._flush()
         self._queue.put_nowait(None)
         await self._task
-        if self._acks:
-            await asyncio.wait_for(asyncio.gather(*self._acks), timeout=30.0)
 
 
 class Executor:
@@ -125,6 +162,7 @@ class Executor:
         worker_id: str,
         *,
         on_finished: Callable[[JobRecord], None] | None = None,
+        stream_interval_s: float = 0.0,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -133,6 +171,7 @@ class Executor:
         self.pool = pool
         self.worker_id = worker_id
         self.on_finished = on_finished
+        self.stream_interval_s = stream_interval_s
         self.running: dict[str, Execution] = {}
         self._stops: set[asyncio.Task[None]] = set()
         self.completed = 0
@@ -292,8 +331,9 @@ class Executor:
     def _sink(self, ex: Execution) -> Callable[[str, Any], None]:
         def sink(text: str, data: Any) -> None:
             if ex.stream is None:
+                interval = self.stream_interval_s if getattr(ex.model, "merge_stream", False) else 0.0
                 ex.stream = _ChunkStream(self.nc, self.names.results_subject(ex.job_id), ex.job_id,
-                                         ex.record.attempt)
+                                         ex.record.attempt, interval)
                 ex.streaming_write = asyncio.create_task(self._mark_streaming(ex))
             ex.stream.emit(text, data)
 

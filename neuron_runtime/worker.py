@@ -113,6 +113,10 @@ class Worker:
             return
         self._started = True
         s = self.settings
+        if {"transformers", "pytorch"} & set(self.runtimes):
+            import torch
+
+            torch.set_num_threads(s.torch_threads)
         self.layout = await ensure_layout(self.js, self.names)
         self.catalog = ModelCatalog(self.layout.models)
         await self.catalog.start()
@@ -135,6 +139,7 @@ class Worker:
             self.nc, self.names, JobStore(self.publisher, self.layout.jobs, self.names.jobs_bucket), self.pool,
             self.worker_id,
             on_finished=self._on_finished,
+            stream_interval_s=s.stream_interval_ms / 1000.0,
         )
         self.puller = PriorityPuller(
             self.nc, self.names, list(self.runtimes), self._on_message, ack_wait_s=s.ack_wait_s

@@ -75,6 +75,9 @@ class LoadedModel(abc.ABC):
     #: Stopping an execution may cancel its asyncio task right after :meth:`abort` (plain
     #: coroutines); otherwise the run gets a grace period to wind down on ``ctx.cancelled``.
     stop_by_cancelling_task: bool = False
+    #: Streamed text pieces are tokens and may be merged in transport (see the worker's
+    #: ``stream_interval_ms``); items of a Python generator are not.
+    merge_stream: bool = False
 
     @abc.abstractmethod
     async def run(self, ctx: ExecutionContext) -> JobOutput:

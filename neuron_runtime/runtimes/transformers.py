@@ -208,6 +208,8 @@ def _stopping_criteria(should_stop: Callable[[], bool]) -> Any:
 class TransformersModel(LoadedModel):
     """A causal LM and its tokenizer in memory; runs one generation at a time."""
 
+    merge_stream = True
+
     max_concurrency = 1
 
     def __init__(self, record: ModelRecord, model: Any, tokenizer: Any, device: str) -> None:

@@ -86,6 +86,8 @@ def _request_id(ctx: ExecutionContext) -> str:
 class VLLMModel(LoadedModel):
     """A running vLLM engine; serves ``max_num_seqs`` jobs at once."""
 
+    merge_stream = True
+
     def __init__(
         self,
         record: ModelRecord,
