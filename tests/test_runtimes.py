@@ -415,3 +415,18 @@ async def test_pytorch_bad_input_is_a_validation_error(torchscript_dir: Path) ->
 async def test_pytorch_missing_artifact_is_a_load_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="not found"):
         await PyTorchRuntime().load(record("demo-linear", "v1", "pytorch"), tmp_path, PyTorchConfig())
+
+
+def test_incremental_detokenizer_matches_a_full_decode(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from neuron_runtime.runtimes.transformers import IncrementalDetokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    ids = tok.encode("naïve café — streaming, token by token: ünïcödé ✓ and plain words too")
+    inc = IncrementalDetokenizer(tok)
+    for i, t in enumerate(ids):
+        text = inc.add([t], final=i == len(ids) - 1)
+        assert "\ufffd" not in text
+        assert tok.decode(ids[: i + 1], skip_special_tokens=True).startswith(text)
+    assert text == tok.decode(ids, skip_special_tokens=True)

@@ -107,7 +107,11 @@ class StopStringFilter:
         return delta
 
     def _first_stop(self, text: str) -> int | None:
-        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if not self.stops:
+            return None
+        # Everything already streamed was checked: look only where a new match can start.
+        start = max(0, len(self.text) - max(len(s) for s in self.stops))
+        found = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
         return min(found) if found else None
 
     def _holdback(self, text: str) -> int:
@@ -122,6 +126,38 @@ class StopStringFilter:
         return keep + longest
 
 
+class IncrementalDetokenizer:
+    """The text of a growing token sequence at linear total cost (vLLM's approach).
+
+    Decoding all tokens after every new one is quadratic in the output length. This decodes
+    only a window: the tokens since the last point where the text was stable. A piece whose
+    decoding ends in U+FFFD (a multi-byte character not complete yet) waits for the next
+    token, except at the end.
+    """
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # start of the decoding window
+        self._read = 0  # tokens before this are in ``text``
+
+    def _decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def add(self, ids: list[int], *, final: bool = False) -> str:
+        """Append ``ids``; the whole text so far."""
+        self.ids.extend(ids)
+        if len(self.ids) == self._read:
+            return self.text
+        prefix_text = self._decode(self.ids[self._prefix : self._read])
+        new_text = self._decode(self.ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and (final or not new_text.endswith("\ufffd")):
+            self.text += new_text[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(self.ids)
+        return self.text
+
+
 # ----------------------------------------------------------------------------- one generation
 
 
@@ -133,6 +169,7 @@ class _Generation:
     loop: asyncio.AbstractEventLoop
     filter: StopStringFilter
     tokenizer: Any
+    detokenizer: IncrementalDetokenizer
     token_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     emit_error: BaseException | None = None
@@ -152,7 +189,7 @@ class _Generation:
         self.token_ids.extend(ids)
         if self.filter.stopped:
             return
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        text = self.detokenizer.add(ids, final=final)
         delta = self.filter.feed(text, final=final)
         if delta:
             self.loop.call_soon_threadsafe(self._deliver, delta)
@@ -237,6 +274,7 @@ class TransformersModel(LoadedModel):
                 loop=loop,
                 filter=StopStringFilter(ctx.spec.input.parameters.stop),
                 tokenizer=self.tokenizer,
+                detokenizer=IncrementalDetokenizer(self.tokenizer),
             )
             future = loop.run_in_executor(self._executor, self._generate, generation, prompt)
             try:
