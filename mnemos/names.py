@@ -123,13 +123,21 @@ class Names:
             return f"{self.prefix}.dispatch.{runtime}.>"
         return f"{self.prefix}.dispatch.{runtime}.{priority}.>"
 
+    def ready_subject(self, runtime: str, priority: int) -> str:
+        """Core subject that rings idle workers' doorbells for a level without queueing a job
+        (a job nak'ed with a delay becomes available again)."""
+        return f"{self.prefix}.ready.{runtime}.{priority}"
+
+    def ready_filter(self, runtime: str) -> str:
+        return f"{self.prefix}.ready.{runtime}.>"
+
     def dispatch_consumer(self, runtime: str, priority: int) -> str:
         """Durable pull consumer shared by every worker of ``runtime`` for one priority."""
         return f"{self.prefix}-{runtime}-p{priority:02d}"
 
     @staticmethod
     def parse_dispatch_subject(subject: str) -> tuple[str, int]:
-        """``(runtime, priority)`` of a dispatch subject."""
+        """``(runtime, priority)`` of a dispatch or ready subject."""
         parts = subject.split(".")
         return parts[2], int(parts[3])
 

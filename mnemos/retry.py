@@ -18,11 +18,19 @@ def policy_for(spec: JobSpec) -> RetryPolicy:
     return spec.retry_config or DEFAULT_RETRY_POLICY
 
 
-def should_retry(policy: RetryPolicy, attempt: int, error: ErrorInfo) -> bool:
-    """Whether attempt number ``attempt`` (1-based, just failed with ``error``) gets another."""
-    if not error.retryable or attempt > policy.max_retries:
+def should_retry(policy: RetryPolicy, failures: int, error: ErrorInfo) -> bool:
+    """Whether a job that has failed ``failures`` times (this one, with ``error``, included)
+    gets another attempt.
+
+    Retryable errors retry unless ``retry_on_errors`` names other codes; a code listed in
+    ``retry_on_errors`` retries even if it is not retryable by default (e.g.
+    ``execution_error`` for a flaky user function).
+    """
+    if failures > policy.max_retries:
         return False
-    return policy.retry_on_errors is None or error.code in policy.retry_on_errors
+    if policy.retry_on_errors is None:
+        return error.retryable
+    return error.code in policy.retry_on_errors
 
 
 def retry_delay(policy: RetryPolicy, attempt: int) -> float:

@@ -173,7 +173,7 @@ class Executor:
         self.on_finished = on_finished
         self.stream_interval_s = stream_interval_s
         self.running: dict[str, Execution] = {}
-        self._stops: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self.completed = 0
         self.failed = 0
         self.duplicates = 0
@@ -213,8 +213,8 @@ class Executor:
             ex.ctx.cancel()
         if ex.run_task is not None:
             task = asyncio.create_task(self._stop_engine(ex))
-            self._stops.add(task)
-            task.add_done_callback(self._stops.discard)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         return True
 
     async def touch_all(self) -> None:
@@ -451,15 +451,19 @@ class Executor:
                 lost_race = True
                 return None
             final = "retrying" if retry_in is not None else status
+            if status == "cancelled" and rec.status == "cancelling" and rec.error is not None:
+                current_error = rec.error  # the canceller's reason
+            else:
+                current_error = error
             rec.status = final  # type: ignore[assignment]
             rec.output = output
-            rec.error = error
+            rec.error = current_error
             rec.timings = timings
             timings.total_ms = round((now - rec.created_at).total_seconds() * 1000.0, 3)
             current = rec.attempts[-1]
             current.ended_at = now
             current.outcome = status
-            current.error = error
+            current.error = current_error
             current.phases.append(Phase(name=status, at=now))
             return rec
 
@@ -482,6 +486,7 @@ class Executor:
         await self._announce(ex)
         if retry_in is not None:
             await ex.msg.nak(delay=retry_in)
+            self._ring_when_ready(record.runtime, record.spec.priority, retry_in)
             return
         if record.status == "completed":
             self.completed += 1
@@ -490,6 +495,17 @@ class Executor:
         await ex.msg.ack()
         if self.on_finished is not None:
             self.on_finished(record)
+
+    def _ring_when_ready(self, runtime: str, priority: int, delay: float) -> None:
+        """A nak'ed job comes back without a publish; ring idle workers' doorbells then."""
+        subject = self.names.ready_subject(runtime, priority)
+
+        def ring() -> None:
+            task = asyncio.create_task(self.nc.publish(subject, b""))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        asyncio.get_running_loop().call_later(delay + 0.005, ring)
 
     async def _announce(self, ex: Execution) -> None:
         """Answer a waiting ``jobs.run`` and write the attempt's final result message."""

@@ -114,9 +114,8 @@ class PriorityPuller:
         self._inbox = self.nc.new_inbox()
         self._subs.append(await self.nc.subscribe(self._inbox + ".*", cb=self._on_inbox))
         for runtime in self.runtimes:
-            self._subs.append(
-                await self.nc.subscribe(self.names.dispatch_filter(runtime), cb=self._on_doorbell)
-            )
+            for subject in (self.names.dispatch_filter(runtime), self.names.ready_filter(runtime)):
+                self._subs.append(await self.nc.subscribe(subject, cb=self._on_doorbell))
         await self.nc.flush()
 
     async def stop(self) -> None:

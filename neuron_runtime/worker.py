@@ -175,13 +175,14 @@ class Worker:
             await asyncio.wait(set(self._jobs), timeout=self.settings.drain_timeout_s)
         if self._jobs and self.executor is not None:
             log.warning("drain timeout: handing %d job(s) back to the queue", len(self._jobs))
-            for ex in list(self.executor.running.values()):
+            unfinished = list(self.executor.running.values())
+            for ex in unfinished:
                 if ex.ctx is not None:
                     ex.ctx.cancel()
             for task in list(self._jobs):
                 task.cancel()
             await asyncio.gather(*self._jobs, return_exceptions=True)
-            for ex in list(self.executor.running.values()):
+            for ex in unfinished:
                 await self.executor.hand_back(ex)
         for name in list(self._background):
             await self._cancel_background(name)

@@ -229,6 +229,18 @@ def count(n: int) -> Iterator[int]:
     """Yield 0 .. n-1 (a sync generator; each number is a data chunk)."""
     for i in range(n):
         yield i
+
+
+_calls: dict[str, int] = {}
+
+
+def flaky(key: str, failures: int) -> int:
+    """Fail the first ``failures`` calls for ``key`` in this worker process, then return the
+    number of calls (exercises retries: list ``execution_error`` in ``retry_on_errors``)."""
+    _calls[key] = _calls.get(key, 0) + 1
+    if _calls[key] <= failures:
+        raise RuntimeError(f"flaky call {_calls[key]} of {key} fails")
+    return _calls[key]
 '''
 
 
