@@ -203,7 +203,7 @@ async def test_worker_enforces_timeout_and_frees_the_slot(control_plane, start_w
     # timeouts are retryable: the default policy retries twice, then the job times out
     assert record.status == "timeout" and record.error.code == "timeout"
     assert [a.outcome for a in record.attempts] == ["timeout", "timeout", "timeout"]
-    assert worker.free_slots == 1
+    await assert_eventually(lambda: worker.free_slots == 1, timeout=2)
     quick = await client.run(job_spec("demo-fn:v1", function="add", args=[1, 2]), timeout=10)
     assert quick.status == "completed"
 
