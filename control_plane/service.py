@@ -235,6 +235,12 @@ class ControlPlane:
             raise Unavailable("control plane is not started")
         return self.jobs, self.catalog, self.layout
 
+    @property
+    def _publisher(self) -> Publisher:
+        if self.publisher is None:
+            raise Unavailable("control plane is not started")
+        return self.publisher
+
     # ------------------------------------------------------------------ submit / run
 
     async def _submit(self, req: Request) -> None:
@@ -323,7 +329,7 @@ class ControlPlane:
         spec = record.spec
         subject = self.names.dispatch_subject(record.runtime, spec.priority, spec.model.family, spec.model.version)
         try:
-            return await self.publisher.publish(
+            return await self._publisher.publish(
                 subject,
                 encode_dispatch(record, revision, record_json),
                 headers={HDR_MSG_ID: f"{record.job_id}.{revision}"},
@@ -360,7 +366,7 @@ class ControlPlane:
             output=record.output,
             error=record.error,
         )
-        await self.publisher.publish(self.names.results_subject(record.job_id), encode(final))
+        await self._publisher.publish(self.names.results_subject(record.job_id), encode(final))
         if record.reply_to:
             await self.nc.publish(record.reply_to, encode(record))
 

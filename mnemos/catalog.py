@@ -74,7 +74,7 @@ class ModelCatalog:
                     self._ready.set()
         finally:
             self._ready.set()
-            await watcher.stop()
+            await watcher.stop()  # type: ignore[no-untyped-call]
 
     def _rebuild_aliases(self) -> None:
         self._aliases = {a: k for k, rec in self._by_key.items() for a in rec.aliases}

@@ -199,8 +199,9 @@ def submit(obj: _Ctx, model: str, prompt: str | None, args: tuple[str, ...], kwa
     """Submit a job."""
     from mnemos.client import Client, job_spec
 
-    params = {k: v for k, v in dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                    seed=seed, stop=list(stop_seq) or None).items() if v is not None}
+    given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                 stop=list(stop_seq) or None)
+    params: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     kw = {}
     for item in kwargs:
         key, sep, value = item.partition("=")

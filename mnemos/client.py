@@ -12,6 +12,7 @@ Errors from the control plane arrive as the one envelope and are raised as the m
 from __future__ import annotations
 
 import asyncio
+import builtins
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -36,6 +37,7 @@ from mnemos.messages import (
     ListWorkers,
     ModelList,
     ModelRecord,
+    ResultChunk,
     ResultFinal,
     ResultMessage,
     RetryJob,
@@ -158,7 +160,7 @@ class Client:
     async def list(
         self,
         *,
-        status: list[str] | None = None,
+        status: builtins.list[str] | None = None,
         model: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
@@ -190,7 +192,7 @@ class Client:
         try:
             while True:
                 msg = await sub.next_msg(timeout=None)
-                item = decode(msg.data, ResultMessage)  # type: ignore[arg-type]
+                item: ResultChunk | ResultFinal = decode(msg.data, ResultMessage)  # type: ignore[arg-type]
                 yield item
                 if isinstance(item, ResultFinal) and item.status in TERMINAL_STATUSES:
                     return
@@ -216,11 +218,11 @@ class Client:
 
     # ------------------------------------------------------------------ workers, models
 
-    async def workers(self, runtime: str | None = None) -> list[WorkerRecord]:
+    async def workers(self, runtime: str | None = None) -> builtins.list[WorkerRecord]:
         body = ListWorkers(runtime=runtime)  # type: ignore[arg-type]
         return decode(await self._call("workers.list", body), WorkerList).workers
 
-    async def models(self, runtime: str | None = None) -> list[ModelRecord]:
+    async def models(self, runtime: str | None = None) -> builtins.list[ModelRecord]:
         body = ListModels(runtime=runtime)  # type: ignore[arg-type]
         return decode(await self._call("models.list", body), ModelList).models
 

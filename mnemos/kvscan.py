@@ -31,7 +31,7 @@ async def kv_values(kv: KeyValue) -> AsyncIterator[tuple[str, bytes, int]]:
     try:
         while True:
             try:
-                entry = await watcher.updates(timeout=_SCAN_TIMEOUT_S)
+                entry = await watcher.updates(timeout=_SCAN_TIMEOUT_S)  # type: ignore[no-untyped-call]
             except (TimeoutError, nats.errors.TimeoutError):
                 log.warning("KV scan of %s ended by timeout", kv._name)  # noqa: SLF001
                 return
@@ -42,4 +42,4 @@ async def kv_values(kv: KeyValue) -> AsyncIterator[tuple[str, bytes, int]]:
             if entry.delta == 0 or entry.revision >= state.last_seq:
                 return
     finally:
-        await watcher.stop()
+        await watcher.stop()  # type: ignore[no-untyped-call]

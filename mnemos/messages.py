@@ -470,7 +470,7 @@ def decode(data: bytes | str, type: type[T]) -> T:  # noqa: A002 - mirrors msgsp
     if dec is None:
         dec = _decoders[type] = msgspec.json.Decoder(type)
     try:
-        return dec.decode(data)
+        return dec.decode(data)  # type: ignore[no-any-return]
     except msgspec.ValidationError as e:
         raise ValidationFailed(str(e)) from e
     except msgspec.DecodeError as e:

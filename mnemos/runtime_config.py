@@ -29,7 +29,7 @@ class _Config(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     pass
 
 
-class VLLMConfig(_Config):
+class VLLMConfig(_Config, frozen=True):
     tensor_parallel_size: Literal[1, 2, 4, 8] = 1
     pipeline_parallel_size: Literal[1, 2, 4, 8] = 1
     max_model_len: Annotated[int, Meta(gt=0)] | None = None
@@ -42,7 +42,7 @@ class VLLMConfig(_Config):
     enforce_eager: bool = False
 
 
-class TransformersConfig(_Config):
+class TransformersConfig(_Config, frozen=True):
     """``device`` and ``torch_dtype`` default to ``auto`` (seed: cuda/float16) so CPU works."""
 
     device: Literal["cuda", "cpu", "auto"] = "auto"
@@ -59,7 +59,7 @@ class TransformersConfig(_Config):
             raise ValueError("cannot use both 8-bit and 4-bit quantization")
 
 
-class PyTorchConfig(_Config):
+class PyTorchConfig(_Config, frozen=True):
     device: Annotated[str, Meta(pattern=r"^(auto|cuda|cpu|cuda:[0-9]+)$")] = "auto"
     dtype: Literal["float16", "float32", "bfloat16"] = "float32"
     batch_size: Annotated[int, Meta(ge=1, le=128)] = 1
@@ -70,7 +70,7 @@ class PyTorchConfig(_Config):
     artifact: str = "model.pt"
 
 
-class PythonConfig(_Config):
+class PythonConfig(_Config, frozen=True):
     """``entrypoint`` is ``module:function`` (importable) or ``file.py:function`` (in the model dir)."""
 
     entrypoint: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_./-]+:[A-Za-z_][A-Za-z0-9_]*$")]

@@ -452,7 +452,7 @@ class Executor:
                 return None
             final = "retrying" if retry_in is not None else status
             if status == "cancelled" and rec.status == "cancelling" and rec.error is not None:
-                current_error = rec.error  # the canceller's reason
+                current_error: ErrorInfo | None = rec.error  # the canceller's reason
             else:
                 current_error = error
             rec.status = final  # type: ignore[assignment]
