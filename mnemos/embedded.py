@@ -94,6 +94,12 @@ class EmbeddedNats:
         """Start the server and wait (up to 15 s) until it accepts connections."""
         if self._proc is not None and self._proc.poll() is None:
             return
+        with socket.socket() as probe:
+            if probe.connect_ex((self.host, self.port)) == 0:
+                raise Unavailable(
+                    f"{self.host}:{self.port} is already in use (another nats-server or `mnemos up`?); "
+                    "pick another port (mnemos up --port N)"
+                )
         self.store_dir.mkdir(parents=True, exist_ok=True)
         conf = self.store_dir / "nats-server.conf"
         conf.write_text(self.config_text())
