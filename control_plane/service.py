@@ -25,6 +25,7 @@ from nats.micro.service import Service
 
 from control_plane.config import ControlPlaneSettings
 from control_plane.deferred import DeferredRecords
+from control_plane.reaper import Reaper
 from mnemos.catalog import ModelCatalog
 from mnemos.config import NatsSettings
 from mnemos.errors import (
@@ -114,6 +115,7 @@ class ControlPlane:
         self.service: Service | None = None
         self.publisher: Publisher | None = None
         self.deferred: DeferredRecords | None = None
+        self.reaper: Reaper | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._started = False
@@ -135,6 +137,8 @@ class ControlPlane:
             self.deferred.start()
         self.catalog = ModelCatalog(self.layout.models)
         await self.catalog.start()
+        self.reaper = Reaper(self.layout.workers, self.jobs, self._dispatch, self._announce_final)
+        await self.reaper.start()
         self.service = await add_service(
             self.nc,
             name=SERVICE_NAME,
@@ -176,6 +180,8 @@ class ControlPlane:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self.reaper is not None:
+            await self.reaper.stop()
         if self.deferred is not None:
             await self.deferred.stop()
         if self.catalog is not None:
@@ -470,6 +476,7 @@ class ControlPlane:
             rec.error = None
             rec.output = None
             rec.reply_to = None
+            rec.dispatch += 1
             return rec
 
         record, revision = await jobs.mutate(body.job_id, change)

@@ -238,6 +238,9 @@ class JobRecord(_Strict, tag="io.mnemos.v1.job", tag_field="type"):
     updated_at: datetime
     attempt: NonNegInt = 0
     attempts: list[Attempt] = field(default_factory=list)
+    #: Which dispatch message is current: bumped whenever the job is queued again by the
+    #: control plane (``jobs.retry``, a lost worker). A worker holding an older one drops it.
+    dispatch: NonNegInt = 0
     worker_id: str | None = None
     timings: Timings = field(default_factory=Timings)
     output: JobOutput | None = None

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import random
 
-from mnemos.messages import ErrorInfo, JobSpec, RetryPolicy
+from mnemos.messages import ErrorInfo, JobRecord, JobSpec, RetryPolicy
 
-__all__ = ["DEFAULT_RETRY_POLICY", "policy_for", "should_retry", "retry_delay"]
+__all__ = ["DEFAULT_RETRY_POLICY", "FAILED_OUTCOMES", "failures", "policy_for", "should_retry", "retry_delay"]
+
+#: Attempt outcomes that count against a job's retry budget ("handed_back" does not).
+FAILED_OUTCOMES = frozenset({"failed", "timeout", "lost"})
 
 #: Used when a job names no ``retry_config``: retryable errors get two more tries.
 DEFAULT_RETRY_POLICY = RetryPolicy(
@@ -16,6 +19,11 @@ DEFAULT_RETRY_POLICY = RetryPolicy(
 
 def policy_for(spec: JobSpec) -> RetryPolicy:
     return spec.retry_config or DEFAULT_RETRY_POLICY
+
+
+def failures(record: JobRecord) -> int:
+    """How many of the job's attempts failed (timed out, were lost)."""
+    return sum(1 for a in record.attempts if a.outcome in FAILED_OUTCOMES)
 
 
 def should_retry(policy: RetryPolicy, failures: int, error: ErrorInfo) -> bool:

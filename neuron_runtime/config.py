@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from mnemos.names import RUNTIMES
@@ -24,7 +24,12 @@ def default_worker_id() -> str:
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MNEMOS_WORKER_", extra="ignore", frozen=True)
 
-    worker_id: str = Field(default_factory=default_worker_id, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    #: ``MNEMOS_WORKER_ID`` (default: hostname plus a random suffix).
+    worker_id: str = Field(
+        default_factory=default_worker_id,
+        pattern=r"^[A-Za-z0-9_-]{1,64}$",
+        validation_alias=AliasChoices("worker_id", "MNEMOS_WORKER_ID"),
+    )
     #: Runtimes to serve; empty means every runtime that can run here.
     runtimes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_concurrent_jobs: int = Field(default=4, ge=1, le=4096)

@@ -46,7 +46,7 @@ from mnemos.messages import (
     utcnow,
 )
 from mnemos.names import Names
-from mnemos.retry import policy_for, retry_delay, should_retry
+from mnemos.retry import failures, policy_for, retry_delay, should_retry
 from neuron_runtime.pool import ModelPool, pool_key
 from neuron_runtime.runtimes.base import ExecutionContext
 
@@ -56,8 +56,6 @@ log = logging.getLogger("mnemos.executor")
 
 #: How long a stopped (cancelled / timed-out) execution gets to wind down.
 _STOP_GRACE_S = 5.0
-#: Attempt outcomes that count against a job's retry budget ("handed_back" does not).
-_FAILED_OUTCOMES = frozenset({"failed", "timeout", "lost"})
 
 
 @dataclass
@@ -382,21 +380,34 @@ class Executor:
     async def _claim(self, ex: Execution, warm: bool) -> bool:
         """Take the job for a new attempt; False if it is not ours to run (then acked)."""
         first_status = "running" if warm else "loading_model"
-        cancelled_on_arrival = False
+        generation = ex.record.dispatch
+        ended_on_arrival = False
+        stale = False
 
         def claim(rec: JobRecord) -> JobRecord | None:
-            nonlocal cancelled_on_arrival
+            nonlocal ended_on_arrival, stale
             if rec.terminal:
+                return None
+            if rec.dispatch != generation:  # the control plane queued the job again since
+                stale = True
                 return None
             now = utcnow()
             if rec.attempts and rec.attempts[-1].ended_at is None:
-                # We hold the message, so whoever ran the previous attempt lost it.
+                # We hold the (redelivered) message: whoever ran the previous attempt lost it.
                 lost = rec.attempts[-1]
                 lost.ended_at = now
                 lost.outcome = "lost"
                 lost.error = WorkerLost(f"worker {lost.worker_id} stopped acknowledging the job").info()
+                lost.phases.append(Phase(name="lost", at=now))
+                if failures(rec) > policy_for(rec.spec).max_retries:
+                    ended_on_arrival = True
+                    rec.status = "failed"
+                    rec.error = WorkerLost(
+                        f"gave up after {len(rec.attempts)} attempts; the last worker stopped acknowledging the job"
+                    ).info()
+                    return rec
             if rec.status == "cancelling":
-                cancelled_on_arrival = True
+                ended_on_arrival = True
                 rec.status = "cancelled"
                 return rec
             queued_at = rec.updated_at
@@ -417,10 +428,11 @@ class Executor:
             return rec
 
         took = await self._write(ex, claim)
-        if not took or cancelled_on_arrival:
-            if ex.record.terminal:
-                log.debug("job %s is already %s; dropping its message", ex.job_id, ex.record.status)
-                if cancelled_on_arrival:
+        if not took or ended_on_arrival:
+            if ex.record.terminal or stale:
+                log.debug("job %s is %s%s; dropping this message", ex.job_id, ex.record.status,
+                          " (requeued since)" if stale else "")
+                if ended_on_arrival:
                     await self._announce(ex)
                 await ex.msg.ack()
             return False
@@ -440,9 +452,9 @@ class Executor:
         retry_in: float | None = None
         if status in ("failed", "timeout") and error is not None:
             policy = policy_for(ex.record.spec)
-            failures = 1 + sum(1 for a in ex.record.attempts if a.outcome in _FAILED_OUTCOMES)
-            if should_retry(policy, failures, error):
-                retry_in = retry_delay(policy, failures)
+            failed = 1 + failures(ex.record)
+            if should_retry(policy, failed, error):
+                retry_in = retry_delay(policy, failed)
         lost_race = False
 
         def finish(rec: JobRecord) -> JobRecord | None:

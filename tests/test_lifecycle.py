@@ -1,0 +1,100 @@
+"""Lifecycle guarantees under faults: a worker killed with SIGKILL mid-job, redelivery,
+stale dispatch messages, dead-lettering."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mnemos.client import job_spec
+from mnemos.messages import WorkerCommand, encode
+from tests.conftest import assert_eventually
+
+
+@pytest.fixture
+def worker_process(nats_settings, tmp_path: Path) -> Iterator:
+    """Start `mnemos worker` processes (python runtime only, 1 s heartbeats); killed at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(worker_id: str, **env: str) -> subprocess.Popen:
+        e = dict(os.environ, MNEMOS_NATS_URL=nats_settings.nats_url, MNEMOS_NAMESPACE=nats_settings.namespace,
+                 MNEMOS_WORKER_ID=worker_id, MNEMOS_WORKER_RUNTIMES="python",
+                 MNEMOS_WORKER_HEARTBEAT_INTERVAL_S="1", MNEMOS_WORKER_CACHE_DIR=str(tmp_path / worker_id),
+                 MNEMOS_LOG_LEVEL="INFO", **env)
+        log = open(tmp_path / f"{worker_id}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "mnemos", "worker"], env=e, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+async def _listed(client, worker_id: str) -> bool:  # noqa: ANN001
+    return worker_id in [w.worker_id for w in await client.workers()]
+
+
+async def _running_on(client, job_id: str, worker_id: str) -> bool:  # noqa: ANN001
+    r = await client.get(job_id)
+    return r.status == "running" and r.worker_id == worker_id
+
+
+async def test_sigkilled_worker_job_completes_elsewhere(
+    control_plane, start_worker, demo_fn, client, worker_process
+) -> None:
+    doomed = worker_process("doomed")
+    await assert_eventually(lambda: _listed(client, "doomed"), timeout=30)
+    job = await client.submit(job_spec("demo-fn:v1", function="sleep", args=[3]))
+    await assert_eventually(lambda: _running_on(client, job.job_id, "doomed"), timeout=10)
+    await assert_eventually(lambda: _reported(client, "doomed", job.job_id), timeout=5)
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait()
+    survivor = await start_worker()
+    loop_time = __import__("asyncio").get_running_loop().time
+    t0 = loop_time()
+    await assert_eventually(lambda: _gone(client, "doomed"), timeout=5, message="dead worker still listed")
+    assert loop_time() - t0 <= 4.0  # three 1 s heartbeats (+ whole-second TTL rounding)
+    done = await client.wait(job.job_id, timeout=30)
+    assert done.status == "completed" and done.worker_id == survivor.worker_id
+    assert [a.outcome for a in done.attempts] == ["lost", "completed"]
+    assert done.attempts[0].worker_id == "doomed" and done.attempts[0].error.code == "worker_lost"
+    assert done.dispatch == 1  # queued again by the control plane, not by redelivery
+    assert control_plane.reaper.recovered == 1
+
+
+async def _reported(client, worker_id: str, job_id: str) -> bool:  # noqa: ANN001
+    return any(w.worker_id == worker_id and job_id in w.current_jobs for w in await client.workers())
+
+
+async def _gone(client, worker_id: str) -> bool:  # noqa: ANN001
+    return not await _listed(client, worker_id)
+
+
+async def test_redelivered_message_is_taken_over_and_the_lost_attempt_recorded(
+    control_plane, start_worker, demo_fn, client, worker_process, nc, names
+) -> None:
+    # A worker that dies before its first heartbeat lists the job: only redelivery saves it.
+    survivor = await start_worker(ack_wait_s=3.0)  # creates the consumers with a short ack wait
+    await nc.request(names.worker_control_subject(survivor.worker_id), encode(WorkerCommand(command="pause")))
+    silent = worker_process("silent", MNEMOS_WORKER_ACK_WAIT_S="3")
+    await assert_eventually(lambda: _listed(client, "silent"), timeout=30)
+    await control_plane.reaper.stop()  # no fast path: JetStream redelivery alone
+    job = await client.submit(job_spec("demo-fn:v1", function="sleep", args=[1]))
+    await assert_eventually(lambda: _running_on(client, job.job_id, "silent"), timeout=10)
+    os.killpg(silent.pid, signal.SIGKILL)
+    await nc.request(names.worker_control_subject(survivor.worker_id), encode(WorkerCommand(command="resume")))
+    # the message comes back when its ack wait (3 s) runs out; the survivor takes it over
+    spec_done = await client.wait(job.job_id, timeout=40)
+    assert spec_done.status == "completed"
+    assert [a.outcome for a in spec_done.attempts] == ["lost", "completed"]
+    assert spec_done.dispatch == 0
