@@ -20,6 +20,10 @@ class ControlPlaneSettings(BaseSettings):
     #: A ``jobs.run`` job's record is written by the worker's claim; if no worker has claimed
     #: it after this long, the control plane writes the ``queued`` record (0: always at once).
     run_record_delay_s: float = Field(default=1.0, ge=0)
+    #: Submissions for a runtime fail with ``queue_full`` once this many of its jobs are
+    #: queued or running (approximate: counts are refreshed every ``queue_depth_refresh_s``).
+    max_queued_per_runtime: int = Field(default=100_000, gt=0)
+    queue_depth_refresh_s: float = Field(default=0.25, gt=0)
     #: How long finished job records are kept in KV.
     job_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
     results_retention_s: float = Field(default=24 * 3600, gt=0)

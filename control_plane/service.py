@@ -23,6 +23,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from control_plane.backpressure import QueueDepth
 from control_plane.config import ControlPlaneSettings
 from control_plane.deferred import DeferredRecords
 from control_plane.reaper import Reaper
@@ -32,6 +33,7 @@ from mnemos.errors import (
     Conflict,
     Internal,
     InvalidState,
+    JobTimeout,
     MnemosError,
     ModelNotFound,
     NotCancellable,
@@ -60,6 +62,8 @@ from mnemos.messages import (
     ListWorkers,
     ModelList,
     ModelRecord,
+    TERMINAL_STATUSES,
+    ResultChunk,
     ResultFinal,
     RetryJob,
     WorkerList,
@@ -116,6 +120,7 @@ class ControlPlane:
         self.publisher: Publisher | None = None
         self.deferred: DeferredRecords | None = None
         self.reaper: Reaper | None = None
+        self.depth: QueueDepth | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._started = False
@@ -137,6 +142,9 @@ class ControlPlane:
             self.deferred.start()
         self.catalog = ModelCatalog(self.layout.models)
         await self.catalog.start()
+        self.depth = QueueDepth(self.nc, self.names, self.settings.max_queued_per_runtime,
+                                self.settings.queue_depth_refresh_s)
+        await self.depth.refresh()
         self.reaper = Reaper(self.layout.workers, self.jobs, self._dispatch, self._announce_final)
         await self.reaper.start()
         self.service = await add_service(
@@ -250,25 +258,49 @@ class ControlPlane:
     # ------------------------------------------------------------------ submit / run
 
     async def _submit(self, req: Request) -> None:
-        record = await self._accept(decode(req.data, JobSpec), reply_to=None)
+        record, _ = await self._accept(decode(req.data, JobSpec), reply_to=None)
         await self._respond(req, record)
 
     async def _run(self, req: Request) -> None:
         reply_to = _reply_subject(req)
         if not reply_to:
             raise ValidationFailed("jobs.run needs a reply subject (use request, not publish)")
-        record = await self._accept(decode(req.data, JobSpec), reply_to=reply_to)
-        if record.terminal:  # idempotent re-run of a finished job: answer now
-            await self._respond(req, record)
+        record, created = await self._accept(decode(req.data, JobSpec), reply_to=reply_to)
+        if created:
+            return  # whoever finishes the job answers the reply subject stored in it
+        if not record.terminal:  # the same idempotency key is running: answer when it ends
+            record = await self._wait_terminal(record.job_id, record.spec.timeout_seconds + 60.0)
+        await self._respond(req, record)
 
-    async def _accept(self, spec: JobSpec, reply_to: str | None) -> JobRecord:
-        """Validate, store and dispatch a job; an existing job for a known idempotency key."""
+    async def _wait_terminal(self, job_id: str, timeout: float) -> JobRecord:
+        """Follow a job's result stream until its final message; the record then."""
+        jobs, _, _ = self._ready()
+        sub = await self.js.subscribe(self.names.results_subject(job_id), ordered_consumer=True)
+        try:
+            async with asyncio.timeout(timeout):
+                record, _ = await jobs.get(job_id)
+                while not record.terminal:
+                    msg = await sub.next_msg(timeout=None)
+                    final = decode(msg.data, ResultChunk | ResultFinal)  # type: ignore[arg-type]
+                    if isinstance(final, ResultFinal) and final.status in TERMINAL_STATUSES:
+                        record, _ = await jobs.get(job_id)
+        except TimeoutError as e:
+            raise JobTimeout(f"job {job_id} did not finish within {timeout:g}s") from e
+        finally:
+            await sub.unsubscribe()
+        return record
+
+    async def _accept(self, spec: JobSpec, reply_to: str | None) -> tuple[JobRecord, bool]:
+        """Validate, store and dispatch a job: (record, True); or (the existing job, False)
+        for an idempotency key seen within the window."""
         jobs, catalog, layout = self._ready()
         record = await self._new_record(spec, catalog, reply_to)
+        if self.depth is not None:
+            self.depth.check(record.runtime)
         if spec.idempotency_key is not None:
             existing = await self._claim_idempotency_key(spec.idempotency_key, record.job_id, layout, jobs)
             if existing is not None:
-                return existing
+                return existing, False
         data = encode(record)
         if reply_to is not None and spec.idempotency_key is None and self.deferred is not None:
             # jobs.run: one write now; the claim (or the deferred writer) creates the record.
@@ -279,7 +311,7 @@ class ControlPlane:
             revision = await jobs.create(record, data)
             await self._dispatch(record, revision, data)
         log.debug("job %s queued (%s p%d)", record.job_id, record.runtime, spec.priority)
-        return record
+        return record, True
 
     async def _new_record(self, spec: JobSpec, catalog: ModelCatalog, reply_to: str | None) -> JobRecord:
         ref = spec.model

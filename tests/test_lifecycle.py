@@ -98,3 +98,73 @@ async def test_redelivered_message_is_taken_over_and_the_lost_attempt_recorded(
     assert spec_done.status == "completed"
     assert [a.outcome for a in spec_done.attempts] == ["lost", "completed"]
     assert spec_done.dispatch == 0
+
+
+async def test_backpressure_fails_fast_with_queue_full(nats_settings, layout, demo_fn, client, nc) -> None:
+    import asyncio
+
+    from control_plane import ControlPlane, ControlPlaneSettings
+    from mnemos.errors import QueueFull
+
+    settings = ControlPlaneSettings(max_queued_per_runtime=5, queue_depth_refresh_s=0.05)
+    async with ControlPlane(nc, nats_settings, settings):
+        accepted = []
+        with pytest.raises(QueueFull) as info:
+            for i in range(200):  # no worker: the queue only grows
+                accepted.append(await client.submit(job_spec("demo-fn:v1", function="add", args=[i, i])))
+                await asyncio.sleep(0.01)
+        assert 5 <= len(accepted) < 30  # the bound holds within one refresh interval
+        assert info.value.code == "queue_full" and info.value.retryable
+        assert info.value.details["runtime"] == "python"
+        listed = await client.list(status=["queued"], limit=1000)
+        assert len(listed.jobs) == len(accepted)  # nothing was half-accepted
+
+
+async def test_idempotent_submission_returns_the_same_job(control_plane, start_worker, demo_fn, client) -> None:
+    import asyncio
+
+    first = await client.submit(job_spec("demo-fn:v1", function="sleep", args=[0.3], idempotency_key="order-42"))
+    again = await client.submit(job_spec("demo-fn:v1", function="sleep", args=[0.3], idempotency_key="order-42"))
+    assert again.job_id == first.job_id
+    await start_worker()
+    # two callers waiting on the same key both get the finished job, which ran once
+    a, b = await asyncio.gather(
+        client.run(job_spec("demo-fn:v1", function="sleep", args=[0.3], idempotency_key="order-43"), timeout=20),
+        client.run(job_spec("demo-fn:v1", function="sleep", args=[0.3], idempotency_key="order-43"), timeout=20),
+    )
+    assert a.job_id == b.job_id and a.status == b.status == "completed" and len(a.attempts) == 1
+    done = await client.wait(first.job_id, timeout=20)
+    assert len(done.attempts) == 1
+    other = await client.submit(job_spec("demo-fn:v1", function="noop", idempotency_key="order-44"))
+    assert other.job_id not in (first.job_id, a.job_id)
+
+
+async def test_idempotency_window_expires(nats_settings, demo_functions_dir) -> None:
+    """After the window, the same key makes a new job."""
+    import nats as nats_client
+
+    from control_plane import ControlPlane, ControlPlaneSettings
+    from mnemos.client import Client
+    from mnemos.config import NatsSettings
+    from registry import Registry, RegistrySettings
+    from tests.conftest import drop_namespace
+
+    settings = NatsSettings(nats_url=nats_settings.nats_url, namespace=nats_settings.namespace + "w")
+    nc = await nats_client.connect(settings.servers)
+    try:
+        async with ControlPlane(nc, settings, ControlPlaneSettings(idempotency_window_s=1.0)):
+            reg = Registry(nc.jetstream(), settings.names, RegistrySettings())
+            await reg.push(demo_functions_dir, family="demo-fn", version="v1", runtime="python",
+                           runtime_config={"entrypoint": "functions.py:noop"})
+            client = Client(nc, settings.names)
+            spec = job_spec("demo-fn:v1", idempotency_key="k")
+            first = await client.submit(spec)
+            assert (await client.submit(spec)).job_id == first.job_id
+
+            async def renewed() -> bool:
+                return (await client.submit(spec)).job_id != first.job_id
+
+            await assert_eventually(renewed, timeout=5, interval=0.25)
+    finally:
+        await drop_namespace(nc, settings.names)
+        await nc.close()

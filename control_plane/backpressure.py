@@ -1,0 +1,70 @@
+"""Backpressure: a bound on the jobs queued per runtime.
+
+The count comes from one ``STREAM.INFO`` (``subjects_filter``) of the dispatch stream, which
+holds every job that is queued or being worked on. It is refreshed in the background
+while submissions arrive (at most every ``refresh_s``), never on the request path, so the
+bound is approximate by up to ``refresh_s`` worth of submissions; an idle control plane
+asks nothing. Beyond the bound, submit fails fast with ``queue_full`` (HTTP 429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+from nats.aio.client import Client as NATS
+
+from mnemos.errors import QueueFull
+from mnemos.names import Names
+
+__all__ = ["QueueDepth"]
+
+log = logging.getLogger("mnemos.control_plane")
+
+
+class QueueDepth:
+    def __init__(self, nc: NATS, names: Names, limit: int, refresh_s: float = 0.25) -> None:
+        self.nc = nc
+        self.names = names
+        self.limit = limit
+        self.refresh_s = refresh_s
+        self.by_runtime: dict[str, int] = {}
+        self.by_level: dict[tuple[str, int], int] = {}
+        self._at = 0.0
+        self._refreshing: asyncio.Task[None] | None = None
+
+    def check(self, runtime: str) -> None:
+        """Raise QueueFull if ``runtime``'s queue is at the bound; refresh the counts if stale."""
+        if time.monotonic() - self._at > self.refresh_s and (self._refreshing is None or self._refreshing.done()):
+            self._refreshing = asyncio.create_task(self.refresh())
+        queued = self.by_runtime.get(runtime, 0)
+        if queued >= self.limit:
+            raise QueueFull(
+                f"{queued} {runtime} jobs are queued (limit {self.limit}); retry later",
+                details={"runtime": runtime, "queued": queued, "limit": self.limit, "retry_after_s": 1},
+            )
+
+    async def refresh(self) -> None:
+        """Read the per-subject counts of the dispatch stream."""
+        try:
+            reply = await self.nc.request(
+                self.names.stream_info_subject(self.names.dispatch_stream),
+                msgspec.json.encode({"subjects_filter": self.names.dispatch_all}),
+                timeout=5.0,
+            )
+            info = msgspec.json.decode(reply.data)
+        except Exception as e:  # a failed refresh keeps the last counts; it is retried
+            log.warning("queue depth refresh failed: %r", e)
+            return
+        by_runtime: dict[str, int] = {}
+        by_level: dict[tuple[str, int], int] = {}
+        for subject, n in ((info.get("state") or {}).get("subjects") or {}).items():
+            try:
+                runtime, priority = Names.parse_dispatch_subject(subject)
+            except (IndexError, ValueError):
+                continue
+            by_runtime[runtime] = by_runtime.get(runtime, 0) + int(n)
+            by_level[(runtime, priority)] = by_level.get((runtime, priority), 0) + int(n)
+        self.by_runtime, self.by_level, self._at = by_runtime, by_level, time.monotonic()
