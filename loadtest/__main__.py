@@ -43,7 +43,30 @@ def main(argv: list[str] | None = None) -> int:
         else:
             k.add_argument("--runs", type=int, default=10)
             k.add_argument("--max-tokens", type=int, default=200)
+    chaos = sub.add_parser("chaos", help="jobs under faults: lost / duplicated summary")
+    chaos.add_argument("--jobs", type=int, default=5000)
+    chaos.add_argument("--workers", type=int, default=3)
+    chaos.add_argument("--slots", type=int, default=16)
+    chaos.add_argument("--kill-every", type=float, default=2.0, help="SIGKILL a worker this often (s)")
+    chaos.add_argument("--kill-control-plane", action="store_true", help="SIGKILL and restart it mid-run")
+    chaos.add_argument("--cluster", action="store_true", help="3-node JetStream cluster, R3")
+    chaos.add_argument("--kill-nats-node", action="store_true", help="SIGKILL one NATS node mid-run")
+    chaos.add_argument("--max-job-ms", type=float, default=20.0)
+    chaos.add_argument("--rate", type=float, default=500.0, help="submissions per second")
+    chaos.add_argument("--deadline", type=float, default=300.0)
+    chaos.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
+    if args.command == "chaos":
+        from loadtest.chaos import ChaosOptions, run_chaos
+
+        res = asyncio.run(run_chaos(ChaosOptions(
+            jobs=args.jobs, workers=args.workers, slots=args.slots, kill_every=args.kill_every,
+            kill_control_plane=args.kill_control_plane, cluster=args.cluster, kill_nats_node=args.kill_nats_node,
+            max_job_ms=args.max_job_ms, rate=args.rate, deadline_s=args.deadline)))
+        print(res.summary())
+        if args.json:
+            print(json.dumps({k: v for k, v in vars(res).items() if k != "latencies_ms"}))
+        return 0 if res.lost == 0 and res.duplicated == 0 else 1
     if args.kind == "noop":
         with _target(args, args.slots) as settings:
             result = asyncio.run(bench_noop(settings, NoopOptions(args.jobs, args.window, args.roundtrips)))

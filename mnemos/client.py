@@ -50,6 +50,9 @@ from mnemos.names import HDR_SERVICE_ERROR_CODE, Names
 
 __all__ = ["Client", "job_spec"]
 
+#: A stream with no message for this long is checked against the job record.
+_STREAM_IDLE_CHECK_S = 5.0
+
 
 def job_spec(
     model: str,
@@ -191,7 +194,17 @@ class Client:
         )
         try:
             while True:
-                msg = await sub.next_msg(timeout=None)
+                try:
+                    msg = await sub.next_msg(timeout=_STREAM_IDLE_CHECK_S)
+                except nats.errors.TimeoutError:
+                    # Quiet for a while: the record is the authority (a result stream can
+                    # expire, and a worker can die between recording and announcing).
+                    record = await self.get(job_id)
+                    if record.terminal:
+                        yield ResultFinal(job_id=job_id, attempt=record.attempt, status=record.status,
+                                          output=record.output, error=record.error)
+                        return
+                    continue
                 item: ResultChunk | ResultFinal = decode(msg.data, ResultMessage)  # type: ignore[arg-type]
                 yield item
                 if isinstance(item, ResultFinal) and item.status in TERMINAL_STATUSES:

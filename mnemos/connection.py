@@ -22,8 +22,11 @@ async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:
     async def error_cb(e: Exception) -> None:
         log.warning("nats error on %s: %r", name, e)
 
+    holder: list[NATS] = []
+
     async def disconnected_cb() -> None:
-        log.warning("nats disconnected (%s)", name)
+        closing = bool(holder) and (holder[0].is_closed or holder[0].is_draining)
+        log.log(logging.DEBUG if closing else logging.WARNING, "nats disconnected (%s)", name)
 
     async def reconnected_cb() -> None:
         log.info("nats reconnected (%s)", name)
@@ -44,6 +47,8 @@ async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:
         opts["user_credentials"] = settings.nats_creds
     opts.update(options)
     try:
-        return await nats.connect(**opts)
+        nc = await nats.connect(**opts)
+        holder.append(nc)
+        return nc
     except Exception as e:  # nats raises several unrelated types for "cannot connect"
         raise Unavailable(f"cannot connect to NATS at {settings.nats_url}: {e!r}") from e

@@ -434,6 +434,8 @@ class Executor:
                           " (requeued since)" if stale else "")
                 if ended_on_arrival:
                     await self._announce(ex)
+                elif ex.record.terminal:
+                    await self._ensure_announced(ex)
                 await ex.msg.ack()
             return False
         log.debug("job %s attempt %d claimed (%s)", ex.job_id, ex.record.attempt, first_status)
@@ -518,6 +520,22 @@ class Executor:
             task.add_done_callback(self._tasks.discard)
 
         asyncio.get_running_loop().call_later(delay + 0.005, ring)
+
+    async def _ensure_announced(self, ex: Execution) -> None:
+        """A finished job's message came back: its worker may have died between recording
+        the result and announcing it. Announce it unless the result stream already ends so."""
+        record = ex.record
+        try:
+            last = await self.js.get_last_msg(self.names.results_stream, self.names.results_subject(record.job_id),
+                                              direct=True)
+            item = decode(last.data or b"", ResultChunk | ResultFinal)  # type: ignore[arg-type]
+            if isinstance(item, ResultFinal) and item.status == record.status and item.attempt == record.attempt:
+                return
+        except Exception as e:  # not found (never announced), or unreadable: announce
+            log.debug("job %s: no final result message yet (%r)", record.job_id, e)
+        log.info("job %s: announcing the %s result its worker recorded but did not announce",
+                 record.job_id, record.status)
+        await self._announce(ex)
 
     async def _announce(self, ex: Execution) -> None:
         """Answer a waiting ``jobs.run`` and write the attempt's final result message."""
