@@ -42,8 +42,10 @@ class Reaper:
         jobs: JobStore,
         requeue: Callable[[JobRecord, int], Awaitable[object]],
         announce: Callable[[JobRecord], Awaitable[None]],
+        drop_message: Callable[[int], Awaitable[None]],
     ) -> None:
         self.workers = workers
+        self.drop_message = drop_message
         self.jobs = jobs
         self.requeue = requeue
         self.announce = announce
@@ -131,6 +133,9 @@ class Reaper:
         if not changed:
             return None  # finished meanwhile, or another control plane dealt with it
         self.recovered += 1
+        seq = record.attempts[-1].dispatch_seq if record.attempts else None
+        if seq is not None:
+            await self.drop_message(seq)  # stale now; else it lingers until its ack wait
         if record.status == "queued":
             log.info("job %s requeued (attempt %d lost with worker %s)", job_id, record.attempt, worker_id)
             await self.requeue(record, revision)

@@ -145,7 +145,8 @@ class ControlPlane:
         self.depth = QueueDepth(self.nc, self.names, self.settings.max_queued_per_runtime,
                                 self.settings.queue_depth_refresh_s)
         await self.depth.refresh()
-        self.reaper = Reaper(self.layout.workers, self.jobs, self._dispatch, self._announce_final)
+        self.reaper = Reaper(self.layout.workers, self.jobs, self._dispatch, self._announce_final,
+                             self._drop_dispatch_message)
         await self.reaper.start()
         self.service = await add_service(
             self.nc,
@@ -394,6 +395,13 @@ class ControlPlane:
             await self._announce_final(record)
             return record
         return None
+
+    async def _drop_dispatch_message(self, seq: int) -> None:
+        """Remove a dispatch message that no longer stands for work (a dead worker's)."""
+        try:
+            await self.js.delete_msg(self.names.dispatch_stream, seq)
+        except Exception as e:  # already acked and gone is the usual case
+            log.debug("dispatch message %d not deleted: %r", seq, e)
 
     async def _announce_final(self, record: JobRecord) -> None:
         """Final message on the result stream, and the answer to a waiting ``jobs.run``."""

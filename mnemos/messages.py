@@ -211,6 +211,9 @@ class Attempt(_Strict):
     outcome: str | None = None
     error: ErrorInfo | None = None
     phases: list[Phase] = field(default_factory=list)
+    #: Stream sequence of the dispatch message this attempt ran from (to remove a dead
+    #: worker's message at once instead of waiting for its redelivery).
+    dispatch_seq: int | None = None
 
 
 class Timings(_Strict):

@@ -71,6 +71,8 @@ class Execution:
     #: The record as last written, encoded (the reply to ``jobs.run`` reuses it).
     encoded: bytes | None = None
     cancel_requested: bool = False
+    #: The dispatch generation of the message being run (see ``JobRecord.dispatch``).
+    generation: int = 0
     stream: "_ChunkStream | None" = None
     streaming_write: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -189,10 +191,17 @@ class Executor:
         job_id = dispatch.record.job_id
         held = self.running.get(job_id)
         if held is not None:
-            # Redelivered to us while we still run it: the newer delivery is the one to ack.
-            held.msg = msg
+            if dispatch.record.dispatch == held.generation:
+                # Redelivered to us while we still run it: the newer delivery is the one to ack.
+                held.msg = msg
+            else:
+                # Queued again (we were presumed dead): not ours to absorb; let it come back
+                # once this stale execution is gone, here or elsewhere.
+                await msg.nak(delay=0.2)
+                self._ring_when_ready(dispatch.record.runtime, dispatch.record.spec.priority, 0.2)
             return
-        ex = Execution(msg=msg, record=dispatch.record, revision=dispatch.revision)
+        ex = Execution(msg=msg, record=dispatch.record, revision=dispatch.revision,
+                       generation=dispatch.record.dispatch)
         self.running[job_id] = ex
         try:
             await self._execute(ex)
@@ -380,7 +389,11 @@ class Executor:
     async def _claim(self, ex: Execution, warm: bool) -> bool:
         """Take the job for a new attempt; False if it is not ours to run (then acked)."""
         first_status = "running" if warm else "loading_model"
-        generation = ex.record.dispatch
+        generation = ex.generation
+        try:
+            dispatch_seq: int | None = ex.msg.metadata.sequence.stream
+        except Exception:  # noqa: BLE001 - not a JetStream message (never in practice)
+            dispatch_seq = None
         ended_on_arrival = False
         stale = False
 
@@ -418,6 +431,7 @@ class Executor:
                     worker_id=self.worker_id,
                     started_at=now,
                     phases=[Phase(name="acquired", at=now), Phase(name=first_status, at=now)],
+                    dispatch_seq=dispatch_seq,
                 )
             )
             rec.status = first_status  # type: ignore[assignment]
@@ -488,8 +502,8 @@ class Executor:
                 "job %s: attempt %d finished here but the record moved on (%s by %s); result dropped",
                 ex.job_id, attempt, ex.record.status, ex.record.worker_id,
             )
-            if ex.record.terminal:
-                await ex.msg.ack()
+            if ex.record.terminal or ex.record.dispatch != ex.generation:
+                await ex.msg.ack()  # nothing left to do with this message
             return
         record = ex.record
         log.info(

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from mnemos.client import job_spec
-from mnemos.messages import WorkerCommand, encode
+from mnemos.messages import WorkerCommand, decode, encode
 from tests.conftest import assert_eventually
 
 
@@ -168,3 +168,51 @@ async def test_idempotency_window_expires(nats_settings, demo_functions_dir) -> 
     finally:
         await drop_namespace(nc, settings.names)
         await nc.close()
+
+
+async def test_a_raced_completion_is_recorded_once_and_counted(
+    control_plane, start_worker, demo_fn, client
+) -> None:
+    """A worker wrongly declared dead keeps running; its late result must not overwrite."""
+    slow = await start_worker()
+    job = await client.submit(job_spec("demo-fn:v1", function="sleep", args=[1.5]))
+    await assert_eventually(lambda: _running_on(client, job.job_id, slow.worker_id), timeout=10)
+    await slow._cancel_background("pull")  # it keeps its running job but takes no new ones
+    await control_plane.reaper.recover_job(job.job_id, slow.worker_id)  # declared dead
+    fast = await start_worker()
+    done = await client.wait(job.job_id, timeout=20)
+    assert done.status == "completed" and done.worker_id == fast.worker_id
+    await assert_eventually(lambda: slow.executor.duplicates == 1, timeout=10)
+    final = await client.get(job.job_id)
+    assert [a.outcome for a in final.attempts] == ["lost", "completed"]
+    assert final.worker_id == fast.worker_id  # the late result did not overwrite
+
+
+async def test_dead_letter_after_the_last_attempt(
+    control_plane, start_worker, demo_fn, client, worker_process, nc, names
+) -> None:
+    doomed = worker_process("doomed2")
+    await assert_eventually(lambda: _listed(client, "doomed2"), timeout=30)
+    spec = job_spec("demo-fn:v1", function="sleep", args=[5])
+    spec.retry_config = decode(encode({"max_retries": 0}), type(spec.retry_config or _policy()))
+    job = await client.submit(spec)
+    await assert_eventually(lambda: _running_on(client, job.job_id, "doomed2"), timeout=10)
+    await assert_eventually(lambda: _reported(client, "doomed2", job.job_id), timeout=5)
+    os.killpg(doomed.pid, signal.SIGKILL)
+    done = await client.wait(job.job_id, timeout=20)
+    assert done.status == "failed" and done.error.code == "worker_lost"
+    assert [a.outcome for a in done.attempts] == ["lost"]
+    # Its dispatch message does not stay in the work queue: the next worker to get it acks it.
+    await start_worker(ack_wait_s=3.0)
+
+    async def dispatch_empty() -> bool:
+        info = await nc.jetstream().stream_info(names.dispatch_stream)
+        return info.state.messages == 0
+
+    await assert_eventually(dispatch_empty, timeout=45, interval=0.5)
+
+
+def _policy():  # noqa: ANN202
+    from mnemos.messages import RetryPolicy
+
+    return RetryPolicy()
