@@ -29,10 +29,12 @@ from control_plane.deferred import DeferredRecords
 from control_plane.reaper import Reaper
 from mnemos.catalog import ModelCatalog
 from mnemos.config import NatsSettings
+from mnemos.connection import unavailable_from
 from mnemos.errors import (
     Conflict,
     Internal,
     InvalidState,
+    JobNotFound,
     JobTimeout,
     MnemosError,
     ModelNotFound,
@@ -229,8 +231,10 @@ class ControlPlane:
         except MnemosError as e:
             await self._respond_error(req, e)
         except Exception as e:
-            log.exception("unexpected error serving %s", req.subject)
-            await self._respond_error(req, Internal(f"{type(e).__name__}: {e}"))
+            mapped = unavailable_from(e)
+            if mapped is None:
+                log.exception("unexpected error serving %s", req.subject)
+            await self._respond_error(req, mapped or Internal(f"{type(e).__name__}: {e}"))
         finally:
             self._slots.release()
 
@@ -239,7 +243,10 @@ class ControlPlane:
             log.warning("dropping error for a request without reply subject on %s: %r", req.subject, err)
             return
         body = encode(ErrorReply(error=err.info()))
-        await req.respond_error(str(err.status), err.message, data=body)
+        try:
+            await req.respond_error(str(err.status), err.message, data=body)
+        except Exception as e:  # the requester cannot be told (connection lost): log, go on
+            log.warning("could not send error %s on %s: %r", err.code, req.subject, e)
 
     async def _respond(self, req: Request, msg: Any) -> None:
         if _reply_subject(req):
@@ -309,8 +316,13 @@ class ControlPlane:
             consumer = self.names.dispatch_consumer(record.runtime, spec.priority)
             self.deferred.add(record, data, consumer, seq)
         else:
-            revision = await jobs.create(record, data)
-            await self._dispatch(record, revision, data)
+            try:
+                revision = await jobs.create(record, data)
+                await self._dispatch(record, revision, data)
+            except MnemosError:
+                if spec.idempotency_key is not None:  # not accepted: a retry must make a new job
+                    await self._release_idempotency_key(spec.idempotency_key, layout)
+                raise
         log.debug("job %s queued (%s p%d)", record.job_id, record.runtime, spec.priority)
         return record, True
 
@@ -345,23 +357,44 @@ class ControlPlane:
     async def _claim_idempotency_key(
         self, key: str, job_id: str, layout: Layout, jobs: JobStore
     ) -> JobRecord | None:
-        """Map ``key`` to ``job_id``; if it already maps to a job, return that job."""
-        hkey = hashlib.sha256(key.encode()).hexdigest()
-        try:
-            await layout.idempotency.create(hkey, job_id.encode())
-            return None
-        except KeyWrongLastSequenceError:
-            pass
-        entry = await layout.idempotency.get(hkey)
-        existing_id = (entry.value or b"").decode()
-        # The winner may still be writing its record: give it a moment.
-        for _ in range(50):
+        """Map ``key`` to ``job_id``; if it already maps to a job, return that job.
+
+        A key whose job never appears (its control plane failed between claiming the key
+        and writing the job) is taken over, by compare-and-set, after a short wait.
+        """
+        kv = layout.idempotency
+        hkey = _idempotency_hash(key)
+        existing_id = ""
+        for _ in range(3):
             try:
-                record, _ = await jobs.get(existing_id)
-                return record
-            except MnemosError:
-                await asyncio.sleep(0.02)
+                await kv.create(hkey, job_id.encode())
+                return None
+            except KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await kv.get(hkey)
+            except KeyNotFoundError:
+                continue  # released meanwhile: try to claim it again
+            existing_id = (entry.value or b"").decode()
+            for _ in range(50):  # the holder may still be writing its record
+                try:
+                    record, _ = await jobs.get(existing_id)
+                    return record
+                except JobNotFound:
+                    await asyncio.sleep(0.02)
+            try:
+                await kv.update(hkey, job_id.encode(), last=entry.revision)
+                log.warning("idempotency key of missing job %s taken over by %s", existing_id, job_id)
+                return None
+            except KeyWrongLastSequenceError:
+                continue
         raise Conflict(f"idempotency key is held by job {existing_id}, which is not readable yet")
+
+    async def _release_idempotency_key(self, key: str, layout: Layout) -> None:
+        try:
+            await layout.idempotency.delete(_idempotency_hash(key))
+        except Exception as e:  # best effort: a later submit takes a stale key over anyway
+            log.warning("could not release an idempotency key: %r", e)
 
     async def _dispatch(self, record: JobRecord, revision: int, record_json: bytes | None = None) -> int:
         """Queue ``record`` (at KV ``revision``) for its runtime and priority; the stream sequence."""
@@ -376,7 +409,10 @@ class ControlPlane:
         except MnemosError as e:
             err = Unavailable(f"could not queue job {record.job_id}: {e!r}")
             if revision:  # a stored record must not stay queued forever
-                await self._finish(record.job_id, "failed", err.info())
+                try:
+                    await self._finish(record.job_id, "failed", err.info())
+                except MnemosError as finish_error:
+                    log.warning("job %s could not be marked failed: %r", record.job_id, finish_error)
             raise err from e
 
     async def _finish(self, job_id: str, status: str, error: ErrorInfo) -> JobRecord | None:
@@ -523,6 +559,10 @@ class ControlPlane:
         await self._dispatch(record, revision)
         log.info("job %s re-queued by request (after attempt %d)", record.job_id, record.attempt)
         await self._respond(req, record)
+
+
+def _idempotency_hash(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def _reply_subject(req: Request) -> str:

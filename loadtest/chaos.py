@@ -79,6 +79,8 @@ class ChaosResult:
     submit_retries: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
+    #: What the lost jobs looked like at the end (job id, status, attempt outcomes).
+    stuck: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         p = statistics.quantiles(self.latencies_ms, n=100) if len(self.latencies_ms) > 1 else [0.0] * 99
@@ -88,6 +90,7 @@ class ChaosResult:
             f"  re-executed {self.reexecuted}, worker kills {self.worker_kills}, control-plane kills "
             f"{self.control_plane_kills}, nats node kills {self.nats_kills}, submit retries "
             f"{self.submit_retries}, {self.elapsed_s:.1f} s"
+            + "".join(f"\n  lost: {s}" for s in self.stuck[:10])
         )
 
 
@@ -290,6 +293,9 @@ async def _drive(stack: _Stack, o: ChaosOptions, rng: random.Random, result: Cha
     for record in records:
         if record is None or not record.terminal:
             result.lost += 1
+            if record is not None:
+                result.stuck.append(f"{record.job_id} {record.status} worker={record.worker_id} "
+                                    f"attempts={[a.outcome for a in record.attempts]}")
             continue
         if record.status == "completed":
             result.completed += 1

@@ -11,9 +11,28 @@ from nats.aio.client import Client as NATS
 from mnemos.config import NatsSettings
 from mnemos.errors import Unavailable
 
-__all__ = ["connect"]
+__all__ = ["connect", "unavailable_from"]
 
 log = logging.getLogger("mnemos.nats")
+
+
+def unavailable_from(e: BaseException) -> Unavailable | None:
+    """The retryable :class:`Unavailable` for a nats-py error that means "NATS or JetStream
+    cannot serve this right now" (no responders, timeouts, a stream electing a leader, a
+    closed or reconnecting connection); None for anything else."""
+    import nats.errors
+    import nats.js.errors
+
+    if isinstance(e, (nats.js.errors.NoStreamResponseError, nats.errors.NoRespondersError,
+                      nats.errors.TimeoutError, nats.errors.ConnectionClosedError,
+                      nats.errors.ConnectionReconnectingError, nats.errors.OutboundBufferLimitError,
+                      nats.errors.StaleConnectionError, TimeoutError, ConnectionError)):
+        return Unavailable(f"NATS cannot serve this right now: {type(e).__name__}: {e}")
+    if isinstance(e, nats.js.errors.ServiceUnavailableError) or (
+        isinstance(e, nats.js.errors.APIError) and e.code == 503
+    ):
+        return Unavailable(f"JetStream is temporarily unavailable: {e}")
+    return None
 
 
 async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:

@@ -108,7 +108,10 @@ async def ensure_layout(js: JetStreamContext, names: Names, options: LayoutOptio
             ttl=o.job_retention_s,
             storage=jsapi.StorageType.FILE,
             replicas=o.replicas,
-            direct=True,
+            # Direct gets may be answered by a replica that lags the leader; job records are
+            # read right before a compare-and-set and after a write, so with replicas they
+            # are read from the leader.
+            direct=o.replicas == 1,
         ),
     )
     workers = await _ensure_kv(

@@ -6,7 +6,7 @@ import pytest
 
 from loadtest.chaos import ChaosOptions, run_chaos
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(400)]
 
 
 async def test_workers_killed_every_second() -> None:
@@ -26,6 +26,6 @@ async def test_control_plane_killed_and_restarted() -> None:
 
 async def test_nats_node_killed_in_a_three_node_cluster() -> None:
     res = await run_chaos(ChaosOptions(jobs=400, workers=2, kill_every=1.0, cluster=True, kill_nats_node=True,
-                                       rate=80, deadline_s=180, quiet=True))
+                                       rate=80, deadline_s=150, quiet=True))
     assert res.nats_kills == 1, res.summary()
     assert res.submitted == 400 and res.lost == 0 and res.duplicated == 0, res.summary()
