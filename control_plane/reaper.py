@@ -138,7 +138,15 @@ class Reaper:
             await self.drop_message(seq)  # stale now; else it lingers until its ack wait
         if record.status == "queued":
             log.info("job %s requeued (attempt %d lost with worker %s)", job_id, record.attempt, worker_id)
-            await self.requeue(record, revision)
+            delay = 0.1
+            while True:  # the record says queued: its message must get out
+                try:
+                    await self.requeue(record, revision)
+                    break
+                except MnemosError as e:
+                    log.warning("requeueing job %s failed (%r); retrying", job_id, e)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 5.0)
         elif record.terminal:
             log.info("job %s %s after losing worker %s", job_id, record.status, worker_id)
             await self.announce(record)

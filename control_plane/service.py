@@ -299,30 +299,48 @@ class ControlPlane:
         return record
 
     async def _accept(self, spec: JobSpec, reply_to: str | None) -> tuple[JobRecord, bool]:
-        """Validate, store and dispatch a job: (record, True); or (the existing job, False)
-        for an idempotency key seen within the window."""
+        """Validate and queue a job: (record, True); or (the existing job, False) for an
+        idempotency key seen within the window.
+
+        The dispatch message is written first: once it is stored the job is accepted and
+        cannot be lost, whatever fails next. It carries revision 0, so the claiming worker
+        creates the record if it does not exist yet. ``jobs.submit`` then writes the
+        ``queued`` record before answering (so it can be read at once); ``jobs.run`` leaves
+        that to the claim (or to the deferred writer, if no worker claims it in time).
+        """
         jobs, catalog, layout = self._ready()
         record = await self._new_record(spec, catalog, reply_to)
         if self.depth is not None:
             self.depth.check(record.runtime)
+        claimed_key = False
         if spec.idempotency_key is not None:
-            existing = await self._claim_idempotency_key(spec.idempotency_key, record.job_id, layout, jobs)
+            existing, existing_id = await self._claim_idempotency_key(spec.idempotency_key, record.job_id, layout,
+                                                                      jobs)
             if existing is not None:
                 return existing, False
+            if existing_id is not None:
+                # The key's job is not readable: its first submission may have failed after
+                # the key, or its record may still be on its way. Dispatch it (again) under
+                # the same id: the dispatch stream drops a duplicate message id.
+                record.job_id = existing_id
+            else:
+                claimed_key = True
         data = encode(record)
-        if reply_to is not None and spec.idempotency_key is None and self.deferred is not None:
-            # jobs.run: one write now; the claim (or the deferred writer) creates the record.
+        try:
             seq = await self._dispatch(record, 0, data)
-            consumer = self.names.dispatch_consumer(record.runtime, spec.priority)
-            self.deferred.add(record, data, consumer, seq)
+        except MnemosError:
+            if claimed_key:  # not accepted: a retry must make a new job
+                await self._release_idempotency_key(spec.idempotency_key or "", layout)
+            raise
+        if reply_to is not None and spec.idempotency_key is None and self.deferred is not None:
+            self.deferred.add(record, data, self.names.dispatch_consumer(record.runtime, spec.priority), seq)
         else:
             try:
-                revision = await jobs.create(record, data)
-                await self._dispatch(record, revision, data)
-            except MnemosError:
-                if spec.idempotency_key is not None:  # not accepted: a retry must make a new job
-                    await self._release_idempotency_key(spec.idempotency_key, layout)
-                raise
+                await jobs.create(record, data)
+            except Conflict:
+                pass  # a worker claimed it first and wrote the record
+            except MnemosError as e:  # accepted all the same: the claim writes the record
+                log.warning("job %s queued, but its record could not be written yet: %r", record.job_id, e)
         log.debug("job %s queued (%s p%d)", record.job_id, record.runtime, spec.priority)
         return record, True
 
@@ -356,39 +374,29 @@ class ControlPlane:
 
     async def _claim_idempotency_key(
         self, key: str, job_id: str, layout: Layout, jobs: JobStore
-    ) -> JobRecord | None:
-        """Map ``key`` to ``job_id``; if it already maps to a job, return that job.
-
-        A key whose job never appears (its control plane failed between claiming the key
-        and writing the job) is taken over, by compare-and-set, after a short wait.
-        """
+    ) -> tuple[JobRecord | None, str | None]:
+        """Map ``key`` to ``job_id``: (None, None). If the key already maps to a job: that
+        job's record, or (None, its id) when the record cannot be read (yet)."""
         kv = layout.idempotency
         hkey = _idempotency_hash(key)
-        existing_id = ""
-        for _ in range(3):
+        while True:
             try:
                 await kv.create(hkey, job_id.encode())
-                return None
+                return None, None
             except KeyWrongLastSequenceError:
                 pass
             try:
                 entry = await kv.get(hkey)
             except KeyNotFoundError:
-                continue  # released meanwhile: try to claim it again
+                continue  # released meanwhile: claim it
             existing_id = (entry.value or b"").decode()
-            for _ in range(50):  # the holder may still be writing its record
+            for _ in range(10):  # the holder may be writing its record right now
                 try:
                     record, _ = await jobs.get(existing_id)
-                    return record
+                    return record, None
                 except JobNotFound:
                     await asyncio.sleep(0.02)
-            try:
-                await kv.update(hkey, job_id.encode(), last=entry.revision)
-                log.warning("idempotency key of missing job %s taken over by %s", existing_id, job_id)
-                return None
-            except KeyWrongLastSequenceError:
-                continue
-        raise Conflict(f"idempotency key is held by job {existing_id}, which is not readable yet")
+            return None, existing_id
 
     async def _release_idempotency_key(self, key: str, layout: Layout) -> None:
         try:
@@ -397,40 +405,19 @@ class ControlPlane:
             log.warning("could not release an idempotency key: %r", e)
 
     async def _dispatch(self, record: JobRecord, revision: int, record_json: bytes | None = None) -> int:
-        """Queue ``record`` (at KV ``revision``) for its runtime and priority; the stream sequence."""
+        """Queue ``record`` (at KV ``revision``, 0: not written yet) for its runtime and
+        priority; the stream sequence. A repeated dispatch of the same generation within the
+        stream's duplicate window is stored once (``Nats-Msg-Id``)."""
         spec = record.spec
         subject = self.names.dispatch_subject(record.runtime, spec.priority, spec.model.family, spec.model.version)
         try:
             return await self._publisher.publish(
                 subject,
                 encode_dispatch(record, revision, record_json),
-                headers={HDR_MSG_ID: f"{record.job_id}.{revision}"},
+                headers={HDR_MSG_ID: f"{record.job_id}.g{record.dispatch}"},
             )
         except MnemosError as e:
-            err = Unavailable(f"could not queue job {record.job_id}: {e!r}")
-            if revision:  # a stored record must not stay queued forever
-                try:
-                    await self._finish(record.job_id, "failed", err.info())
-                except MnemosError as finish_error:
-                    log.warning("job %s could not be marked failed: %r", record.job_id, finish_error)
-            raise err from e
-
-    async def _finish(self, job_id: str, status: str, error: ErrorInfo) -> JobRecord | None:
-        """Terminate a job that no worker holds (queued/retrying) and tell its listeners."""
-        jobs, _, _ = self._ready()
-
-        def change(rec: JobRecord) -> JobRecord | None:
-            if rec.terminal or rec.status in ACTIVE_STATUSES:
-                return None
-            rec.status = status  # type: ignore[assignment]
-            rec.error = error
-            return rec
-
-        record, _ = await jobs.mutate(job_id, change)
-        if record.status == status:
-            await self._announce_final(record)
-            return record
-        return None
+            raise Unavailable(f"could not queue job {record.job_id}: {e.message}") from e
 
     async def _drop_dispatch_message(self, seq: int) -> None:
         """Remove a dispatch message that no longer stands for work (a dead worker's)."""
@@ -555,8 +542,17 @@ class ControlPlane:
             rec.dispatch += 1
             return rec
 
+        before, _ = await jobs.get(body.job_id)
         record, revision = await jobs.mutate(body.job_id, change)
-        await self._dispatch(record, revision)
+        try:
+            await self._dispatch(record, revision)
+        except Unavailable:
+            # Not queued after all: put the record back as it was, so it does not wait forever.
+            try:
+                await jobs.update(before, revision)
+            except MnemosError as e:
+                log.error("job %s is marked queued but could not be queued: %r", record.job_id, e)
+            raise
         log.info("job %s re-queued by request (after attempt %d)", record.job_id, record.attempt)
         await self._respond(req, record)
 

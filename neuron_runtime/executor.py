@@ -391,9 +391,11 @@ class Executor:
         first_status = "running" if warm else "loading_model"
         generation = ex.generation
         try:
-            dispatch_seq: int | None = ex.msg.metadata.sequence.stream
+            meta = ex.msg.metadata
+            dispatch_seq: int | None = meta.sequence.stream
+            redelivered = meta.num_delivered > 1
         except Exception:  # noqa: BLE001 - not a JetStream message (never in practice)
-            dispatch_seq = None
+            dispatch_seq, redelivered = None, True
         ended_on_arrival = False
         stale = False
 
@@ -406,7 +408,12 @@ class Executor:
                 return None
             now = utcnow()
             if rec.attempts and rec.attempts[-1].ended_at is None:
-                # We hold the (redelivered) message: whoever ran the previous attempt lost it.
+                if not redelivered:
+                    # Another worker runs this generation and this is a first delivery: a
+                    # duplicate dispatch message (an idempotent re-submission). Not ours.
+                    stale = True
+                    return None
+                # We hold the redelivered message: whoever ran the previous attempt lost it.
                 lost = rec.attempts[-1]
                 lost.ended_at = now
                 lost.outcome = "lost"
