@@ -38,7 +38,7 @@ from nats.js import api as jsapi
 
 from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
-from mnemos.embedded import EmbeddedNats, free_port
+from mnemos.embedded import EmbeddedNats, die_with_parent, free_port
 from mnemos.errors import MnemosError
 from mnemos.messages import TERMINAL_STATUSES, ResultChunk, ResultFinal, decode
 
@@ -102,7 +102,8 @@ class _Proc:
     def start(self) -> None:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=die_with_parent)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -157,7 +158,7 @@ class _Stack:
 
     async def start(self) -> None:
         for node in self.nodes:
-            await asyncio.to_thread(node.start)
+            node.start()  # in this thread: children die with the thread that forked them
         await _wait_jetstream(self.settings)
         await _register_functions(self.settings, self.root)
         self.cp.start()
@@ -352,7 +353,7 @@ async def _chaos(stack: _Stack, o: ChaosOptions, rng: random.Random, result: Cha
             result.nats_kills += 1
             _say(o, f"[{time.monotonic() - started:5.1f}s] SIGKILL nats node {node.server_name}")
             await asyncio.sleep(3.0)
-            await asyncio.to_thread(node.start)
+            node.start()  # in this thread: children die with the thread that forked them
             _say(o, f"[{time.monotonic() - started:5.1f}s] nats node {node.server_name} restarted")
 
 

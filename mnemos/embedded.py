@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import sysconfig
 import time
 from dataclasses import dataclass, field
@@ -19,7 +20,16 @@ from pathlib import Path
 
 from mnemos.errors import Unavailable
 
-__all__ = ["nats_server_binary", "free_port", "EmbeddedNats", "ClusterNode"]
+__all__ = ["nats_server_binary", "free_port", "die_with_parent", "EmbeddedNats", "ClusterNode"]
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for child processes: on Linux, SIGKILL the child when its parent dies,
+    so a crashed supervisor or test run leaves no server or worker behind."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def nats_server_binary() -> Path:
@@ -109,6 +119,7 @@ class EmbeddedNats:
             stdout=out,
             stderr=out,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnemos.config import NatsSettings
-from mnemos.embedded import EmbeddedNats
+from mnemos.embedded import EmbeddedNats, die_with_parent
 
 __all__ = ["UpOptions", "LocalStack", "run_up", "ensure_demo"]
 
@@ -51,7 +51,7 @@ class _Child:
         out = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True,
+            start_new_session=True, preexec_fn=die_with_parent,
         )
         out.close()
 

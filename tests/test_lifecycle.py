@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mnemos.client import job_spec
+from mnemos.embedded import die_with_parent
 from mnemos.messages import WorkerCommand, decode, encode
 from tests.conftest import assert_eventually
 
@@ -29,7 +30,7 @@ def worker_process(nats_settings, tmp_path: Path) -> Iterator:
                  MNEMOS_LOG_LEVEL="INFO", **env)
         log = open(tmp_path / f"{worker_id}.log", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "mnemos", "worker"], env=e, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         procs.append(proc)
         return proc
 
