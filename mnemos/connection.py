@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -38,10 +39,11 @@ def unavailable_from(e: BaseException) -> Unavailable | None:
 async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:
     """Connect to NATS with reconnects forever and every async error logged (never dropped)."""
 
-    async def error_cb(e: Exception) -> None:
-        log.warning("nats error on %s: %r", name, e)
-
     holder: list[NATS] = []
+
+    async def error_cb(e: Exception) -> None:
+        # Before the first connection the failure is raised to the caller; after, log it.
+        log.log(logging.WARNING if holder else logging.DEBUG, "nats error on %s: %r", name, e)
 
     async def disconnected_cb() -> None:
         closing = bool(holder) and (holder[0].is_closed or holder[0].is_draining)
@@ -66,7 +68,9 @@ async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:
         opts["user_credentials"] = settings.nats_creds
     opts.update(options)
     try:
-        nc = await nats.connect(**opts)
+        # nats-py keeps trying unreachable servers forever; the first connection is bounded
+        # (a process that cannot reach NATS at start fails fast and says so).
+        nc = await asyncio.wait_for(nats.connect(**opts), timeout=2 * settings.nats_connect_timeout_s)
         holder.append(nc)
         return nc
     except Exception as e:  # nats raises several unrelated types for "cannot connect"

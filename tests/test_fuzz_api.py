@@ -89,8 +89,10 @@ json_values = st.recursive(
     lambda kids: st.lists(kids, max_size=6) | st.dictionaries(st.text(max_size=12), kids, max_size=6),
     max_leaves=25,
 )
+#: Cheaper values for the fields of request-shaped bodies.
+small_scalars = st.none() | st.booleans() | st.integers() | _huge_ints | st.floats() | st.text(max_size=20) | _long_text
 small_json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    small_scalars,
     lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
     max_leaves=8,
 )
@@ -111,7 +113,8 @@ def _nested(depth: int, kind: str) -> bytes:
     if kind == "dict":
         return b'{"a":' * depth + b"1" + b"}" * depth
     inner = b"[" * depth + b"]" * depth  # deep value inside an otherwise valid job spec
-    return b'{"model": {"family": "demo-fn", "version": "v1"}, "metadata": {"deep": ' + inner + b"}}"
+    # An unregistered model: a jobs.run that passed would wait for a worker that is not there.
+    return b'{"model": {"family": "ghost", "version": "v1"}, "metadata": {"deep": ' + inner + b"}}"
 
 
 #: Deeply nested JSON (decoders recurse).
@@ -121,7 +124,7 @@ nested_json = st.builds(
 
 statuses = ["queued", "acquired", "loading_model", "running", "streaming", "cancelling", "retrying",
             "completed", "failed", "timeout", "cancelled"]
-runtimes = st.sampled_from([None, "python", "transformers", "vllm", "pytorch", "tensorflow", "", "x" * 40]) | json_values
+runtimes = st.sampled_from([None, "python", "transformers", "vllm", "pytorch", "tensorflow", "", "x" * 40]) | small_json
 
 
 def model_refs(registered: bool) -> st.SearchStrategy[Any]:
@@ -140,58 +143,58 @@ def model_refs(registered: bool) -> st.SearchStrategy[Any]:
         {"family": st.sampled_from(families) | _text, "version": st.sampled_from(versions) | _text},
         optional={
             "runtime": runtimes,
-            "runtime_config": st.dictionaries(config_keys, config_values, max_size=4) | json_values,
+            "runtime_config": st.dictionaries(config_keys, config_values, max_size=4) | small_json,
             "bogus": small_json,
         },
-    ) | json_values
+    ) | small_json
 
 
 inputs = st.fixed_dictionaries(
     {},
     optional={
-        "prompt": st.none() | _text | json_values,
+        "prompt": st.none() | _text | small_json,
         "parameters": st.fixed_dictionaries(
             {},
             optional={
-                "max_tokens": st.sampled_from([0, 1, 32768, 32769, -1, None]) | json_scalars,
-                "temperature": st.sampled_from([0.0, 2.0, 2.1, -0.1, None]) | json_scalars,
-                "top_p": st.sampled_from([0.0, 1.0, 1.1]) | json_scalars,
+                "max_tokens": st.sampled_from([0, 1, 32768, 32769, -1, None]) | small_scalars,
+                "temperature": st.sampled_from([0.0, 2.0, 2.1, -0.1, None]) | small_scalars,
+                "top_p": st.sampled_from([0.0, 1.0, 1.1]) | small_scalars,
                 "top_k": json_scalars,
-                "stop": st.lists(st.text(max_size=5), max_size=3) | json_values,
+                "stop": st.lists(st.text(max_size=5), max_size=3) | small_json,
                 "seed": json_scalars,
                 "bogus": json_scalars,
             },
-        ) | json_values,
-        "context": st.none() | st.dictionaries(st.text(max_size=8), small_json, max_size=4) | json_values,
-        "args": st.lists(small_json, max_size=4) | json_values,
-        "kwargs": st.dictionaries(st.text(max_size=8), small_json, max_size=4) | json_values,
+        ) | small_json,
+        "context": st.none() | st.dictionaries(st.text(max_size=8), small_json, max_size=4) | small_json,
+        "args": st.lists(small_json, max_size=4) | small_json,
+        "kwargs": st.dictionaries(st.text(max_size=8), small_json, max_size=4) | small_json,
     },
-) | json_values
+) | small_json
 
 retry_configs = st.none() | st.fixed_dictionaries(
     {},
     optional={
         "type": st.sampled_from(["io.mnemos.v1.retry_policy", "bogus"]),
-        "strategy": st.sampled_from(["exponential", "linear", "fixed", "random"]) | json_scalars,
-        "max_retries": st.integers(min_value=-2, max_value=12) | json_scalars,
-        "initial_delay_seconds": st.floats(min_value=-1, max_value=4000) | json_scalars,
+        "strategy": st.sampled_from(["exponential", "linear", "fixed", "random"]) | small_scalars,
+        "max_retries": st.integers(min_value=-2, max_value=12) | small_scalars,
+        "initial_delay_seconds": st.floats(min_value=-1, max_value=4000) | small_scalars,
         "max_delay_seconds": json_scalars,
-        "backoff_multiplier": st.floats(min_value=0, max_value=11) | json_scalars,
+        "backoff_multiplier": st.floats(min_value=0, max_value=11) | small_scalars,
         "jitter": json_scalars,
-        "retry_on_errors": st.lists(st.sampled_from(sorted(ERROR_CLASSES)), max_size=3) | json_values,
+        "retry_on_errors": st.lists(st.sampled_from(sorted(ERROR_CLASSES)), max_size=3) | small_json,
     },
-) | json_values
+) | small_json
 
 _spec_fields = {
     "input": inputs,
     "job_type": st.sampled_from(["inference", "batch_inference", "training", "fine_tuning", "evaluation", "x"])
-    | json_scalars,
-    "priority": st.sampled_from([1, 5, 10, 0, 11, -1, 2**64, 1.5, "5", None, True]) | json_scalars,
-    "timeout_seconds": st.sampled_from([0, -1, 1e-9, 0.5, 86400, 86401, 1e400, "10", None]) | json_scalars,
+    | small_scalars,
+    "priority": st.sampled_from([1, 5, 10, 0, 11, -1, 2**64, 1.5, "5", None, True]) | small_scalars,
+    "timeout_seconds": st.sampled_from([0, -1, 1e-9, 0.5, 86400, 86401, 1e400, "10", None]) | small_scalars,
     "retry_config": retry_configs,
-    "metadata": st.dictionaries(st.text(max_size=12), json_values, max_size=5) | json_values,
-    "idempotency_key": st.sampled_from(["k1", "k2", "k3", "", "x" * 256, "x" * 257, None]) | _text | json_scalars,
-    "type": st.sampled_from(["io.mnemos.v1.job_spec", "io.mnemos.v1.job", "bogus"]) | json_scalars,
+    "metadata": st.dictionaries(st.text(max_size=12), small_json, max_size=5) | small_json,
+    "idempotency_key": st.sampled_from(["k1", "k2", "k3", "", "x" * 256, "x" * 257, None]) | _text | small_scalars,
+    "type": st.sampled_from(["io.mnemos.v1.job_spec", "io.mnemos.v1.job", "bogus"]) | small_scalars,
     "bogus": small_json,
 }
 
@@ -208,13 +211,13 @@ BAD_JOB_IDS = [".", "*", ">", "a.b", "a b", " ", "", "a*", "a>", "$KV", "../x", 
 
 
 def job_ids(known: list[str]) -> st.SearchStrategy[Any]:
-    return st.sampled_from(known + BAD_JOB_IDS) | _text | json_scalars
+    return st.sampled_from(known + BAD_JOB_IDS) | _text | small_scalars
 
 
 model_names = st.sampled_from(
     ["demo-fn:v1", "demo-fn.v1", "demo-fn", "demo-fn:", "a:", ":", ":v1", "a b:v1", "a*:v1", "a>:v1",
      "a:b.c", "a:.", "a:..", "a:b c", "ghost:v9", "x" * 160, "x" * 161, ""]
-) | _text | json_scalars
+) | _text | small_scalars
 
 
 def bodies(known_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
@@ -223,14 +226,14 @@ def bodies(known_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
     runtime_body = st.fixed_dictionaries({}, optional={"runtime": runtimes, "bogus": small_json})
     return {
         "jobs.get": st.fixed_dictionaries({"job_id": ids}, optional={"bogus": small_json}),
-        "jobs.cancel": st.fixed_dictionaries({"job_id": ids}, optional={"reason": _text | json_scalars}),
+        "jobs.cancel": st.fixed_dictionaries({"job_id": ids}, optional={"reason": _text | small_scalars}),
         "jobs.retry": st.fixed_dictionaries({"job_id": ids}, optional={"bogus": small_json}),
         "jobs.list": st.fixed_dictionaries(
             {},
             optional={
-                "status": st.lists(st.sampled_from([*statuses, "bogus"]), max_size=4) | json_values,
+                "status": st.lists(st.sampled_from([*statuses, "bogus"]), max_size=4) | small_json,
                 "model": model_names,
-                "limit": st.sampled_from([0, 1, 2, 1000, 1001, -1]) | json_scalars,
+                "limit": st.sampled_from([0, 1, 2, 1000, 1001, -1]) | small_scalars,
                 "cursor": ids,
             },
         ),
@@ -243,21 +246,22 @@ def bodies(known_ids: list[str]) -> dict[str, st.SearchStrategy[Any]]:
     }
 
 
-def draw(strategy: st.SearchStrategy[Any], n: int, salt: int = 0) -> list[Any]:
-    """``n`` examples of ``strategy``, drawn by hypothesis (generation only, no shrinking)."""
+def draw(strategy: st.SearchStrategy[Any], n: int, salt: int = 0, batch: int = 5) -> list[Any]:
+    """``n`` examples of ``strategy``, drawn by hypothesis (generation only, no shrinking),
+    ``batch`` per hypothesis example (its per-example overhead dominates otherwise)."""
     out: list[Any] = []
 
     @settings(
-        max_examples=n,
+        max_examples=max(1, n // batch),
         database=None,
         deadline=None,
         phases=[Phase.generate],
         suppress_health_check=list(HealthCheck),
     )
     @seed(FUZZ_SEED + salt)
-    @given(strategy)
-    def collect(example: Any) -> None:
-        out.append(example)
+    @given(st.lists(strategy, min_size=batch, max_size=batch))
+    def collect(examples: list[Any]) -> None:
+        out.extend(examples)
 
     collect()
     return out
@@ -327,6 +331,8 @@ async def fire(nc: NATS, names: Names, requests: Iterable[tuple[str, bytes]]) ->
         headers = msg.headers or {}
         key = "ok" if HDR_SERVICE_ERROR_CODE not in headers else decode(msg.data, ErrorReply).error.code
         outcomes[key] = outcomes.get(key, 0) + 1
+        if key == "unavailable":
+            print("UNAVAIL", endpoint, payload[:300], msg.data[:300])
 
     await asyncio.gather(*(one(e, p) for e, p in requests))
     return problems, outcomes
