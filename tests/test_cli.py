@@ -16,7 +16,9 @@ async def _cli(settings: NatsSettings, *args: str) -> subprocess.CompletedProces
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "mnemos", "--nats-url", settings.nats_url, "--namespace", settings.namespace, *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -25,16 +27,45 @@ async def test_models_push_and_ls(nats_settings, layout, control_plane, tmp_path
     model_dir.mkdir()
     (model_dir / "functions.py").write_text("def hello(name):\n    return f'hello {name}'\n")
     (model_dir / "weights.bin").write_bytes(b"\x00" * 300_000)
-    pushed = await _cli(nats_settings, "models", "push", str(model_dir), "--family", "greeter", "--version", "v1",
-                  "--runtime", "python", "--config", '{"entrypoint": "functions.py:hello"}', "--alias", "greeter-latest")
+    pushed = await _cli(
+        nats_settings,
+        "models",
+        "push",
+        str(model_dir),
+        "--family",
+        "greeter",
+        "--version",
+        "v1",
+        "--runtime",
+        "python",
+        "--config",
+        '{"entrypoint": "functions.py:hello"}',
+        "--alias",
+        "greeter-latest",
+    )
     assert pushed.returncode == 0, pushed.stderr
     assert "registered greeter:v1" in pushed.stdout
     listed = json.loads((await _cli(nats_settings, "-o", "json", "models", "ls")).stdout)
     [model] = listed
     assert model["family"] == "greeter" and model["aliases"] == ["greeter-latest"]
-    assert {f["path"]: f["size"] for f in model["files"]} == {"functions.py": (model_dir / "functions.py").stat().st_size, "weights.bin": 300_000}
-    again = await _cli(nats_settings, "models", "push", str(model_dir), "--family", "greeter", "--version", "v1",
-                 "--runtime", "python", "--config", '{"entrypoint": "functions.py:hello"}')
+    assert {f["path"]: f["size"] for f in model["files"]} == {
+        "functions.py": (model_dir / "functions.py").stat().st_size,
+        "weights.bin": 300_000,
+    }
+    again = await _cli(
+        nats_settings,
+        "models",
+        "push",
+        str(model_dir),
+        "--family",
+        "greeter",
+        "--version",
+        "v1",
+        "--runtime",
+        "python",
+        "--config",
+        '{"entrypoint": "functions.py:hello"}',
+    )
     assert again.returncode == 6 and "conflict" in again.stderr  # exists: exit code 6
 
 
@@ -46,10 +77,28 @@ async def test_exit_codes(nats_settings, control_plane, demo_fn, start_worker) -
     assert invalid.returncode == 4 and "validation_error" in invalid.stderr
     failed = await _cli(nats_settings, "-o", "json", "submit", "--model", "demo-fn:v1", "--function", "fail", "--wait")
     assert failed.returncode == 1 and json.loads(failed.stdout)["status"] == "failed"
-    ok = await _cli(nats_settings, "-o", "json", "submit", "--model", "demo-fn:v1", "--function", "echo", "--arg", "[1,2]",
-              "--kwarg", "x=3", "--wait")
+    ok = await _cli(
+        nats_settings,
+        "-o",
+        "json",
+        "submit",
+        "--model",
+        "demo-fn:v1",
+        "--function",
+        "echo",
+        "--arg",
+        "[1,2]",
+        "--kwarg",
+        "x=3",
+        "--wait",
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["output"]["result"] == {"args": [[1, 2]], "kwargs": {"x": 3}}
-    down = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "mnemos", "--nats-url", "nats://127.0.0.1:1", "jobs", "ls"],
-                          capture_output=True, text=True, timeout=60)
+    down = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-m", "mnemos", "--nats-url", "nats://127.0.0.1:1", "jobs", "ls"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert down.returncode == 5 and "unavailable" in down.stderr
