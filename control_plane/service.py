@@ -495,10 +495,7 @@ class ControlPlane:
     async def _models_get(self, req: Request) -> None:
         _, catalog, _ = self._ready()
         q = decode(req.data, GetModel)
-        try:
-            await self._respond(req, await catalog.resolve(q.name))
-        except (KeyNotFoundError, ValueError) as e:
-            raise ModelNotFound(f"model {q.name!r} is not registered") from e
+        await self._respond(req, await catalog.resolve(q.name))
 
     # ------------------------------------------------------------------ cancel / retry
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
@@ -19,6 +20,9 @@ from mnemos.names import model_key
 __all__ = ["ModelCatalog"]
 
 log = logging.getLogger("mnemos.catalog")
+
+_FAMILY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(\.[A-Za-z0-9-]+)*$")
 
 
 class ModelCatalog:
@@ -91,8 +95,15 @@ class ModelCatalog:
             return self._by_key.get(model_key(family, version))
         return self._by_key.get(name)
 
+    @staticmethod
+    def valid_ref(family: str, version: str) -> bool:
+        """Whether ``family``/``version`` can name a model at all (and so a KV key)."""
+        return bool(_FAMILY_RE.match(family) and _VERSION_RE.match(version) and len(version) <= 64)
+
     async def get(self, family: str, version: str) -> ModelRecord:
         """The record, from memory or (if the watch has not caught up yet) from KV."""
+        if not self.valid_ref(family, version):
+            raise ModelNotFound(f"{family}:{version} is not a valid model name")
         key = model_key(family, version)
         rec = self._by_key.get(key)
         if rec is not None:

@@ -85,7 +85,7 @@ JobType = Literal["inference", "batch_inference", "training", "fine_tuning", "ev
 
 # Families: no dots or colons; versions: no underscores (see names.model_token).
 Family = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
-Version = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9.-]{0,63}$")]
+Version = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9-]*(\.[A-Za-z0-9-]+)*$", max_length=64)]
 Priority = Annotated[int, Meta(ge=1, le=10)]
 PositiveInt = Annotated[int, Meta(gt=0)]
 NonNegInt = Annotated[int, Meta(ge=0)]
@@ -481,3 +481,7 @@ def decode(data: bytes | str, type: type[T]) -> T:  # noqa: A002 - mirrors msgsp
         raise ValidationFailed(str(e)) from e
     except msgspec.DecodeError as e:
         raise InvalidJSON(f"malformed JSON: {e}") from e
+    except RecursionError as e:
+        raise InvalidJSON("JSON nested too deeply") from e
+    except UnicodeDecodeError as e:
+        raise InvalidJSON(f"a JSON string is not valid UTF-8: {e}") from e

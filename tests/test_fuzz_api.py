@@ -23,7 +23,7 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, get_args
 
 import nats.errors
 import pytest
@@ -39,12 +39,14 @@ from mnemos.messages import (
     ErrorReply,
     JobList,
     JobRecord,
+    JobStatus,
     ModelList,
     ModelRecord,
     WorkerList,
     decode,
 )
 from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE, Names
+from tests.conftest import assert_eventually
 
 #: Reply type of a successful answer, per endpoint.
 SUCCESS_TYPES: dict[str, type[Any]] = {
@@ -67,6 +69,9 @@ EXAMPLES = int(os.environ.get("MNEMOS_FUZZ_EXAMPLES", "300"))
 FUZZ_SEED = int(os.environ.get("MNEMOS_FUZZ_SEED", str(random.randrange(2**32))))
 
 KNOWN_CODES = set(ERROR_CLASSES) - {"internal"}
+#: NATS and JetStream are healthy throughout: "cannot serve this right now" (retryable)
+#: would tell a client to retry a request that can never succeed.
+INFRA_CODES = {"unavailable", "not_connected"}
 
 
 # ---------------------------------------------------------------------------- strategies
@@ -107,23 +112,32 @@ def as_json(values: st.SearchStrategy[Any]) -> st.SearchStrategy[bytes]:
     return st.builds(_dumps, values, st.booleans())
 
 
+#: Where a JobSpec holds arbitrary JSON (its typed fields reject nesting early). The model
+#: is not registered: a jobs.run that passed would wait for a worker that is not there.
+_DEEP_SPOTS = {
+    "metadata": b'{"model": {"family": "ghost", "version": "v1"}, "metadata": {"deep": %s}}',
+    "args": b'{"model": {"family": "ghost", "version": "v1"}, "input": {"args": %s}}',
+    "kwargs": b'{"model": {"family": "ghost", "version": "v1"}, "input": {"kwargs": {"deep": %s}}}',
+    "context": b'{"model": {"family": "ghost", "version": "v1"}, "input": {"context": {"deep": %s}}}',
+    "runtime_config": b'{"model": {"family": "ghost", "version": "v1", "runtime_config": {"deep": %s}}}',
+}
+
+
 def _nested(depth: int, kind: str) -> bytes:
+    lists = b"[" * depth + b"]" * depth
     if kind == "list":
-        return b"[" * depth + b"]" * depth
+        return lists
     if kind == "dict":
         return b'{"a":' * depth + b"1" + b"}" * depth
-    inner = b"[" * depth + b"]" * depth  # deep value inside an otherwise valid job spec
-    # An unregistered model: a jobs.run that passed would wait for a worker that is not there.
-    return b'{"model": {"family": "ghost", "version": "v1"}, "metadata": {"deep": ' + inner + b"}}"
+    return _DEEP_SPOTS[kind] % lists
 
 
 #: Deeply nested JSON (decoders recurse).
 nested_json = st.builds(
-    _nested, st.integers(min_value=1, max_value=5_000), st.sampled_from(["list", "dict", "in-spec"])
+    _nested, st.integers(min_value=1, max_value=5_000), st.sampled_from(["list", "dict", *_DEEP_SPOTS])
 )
 
-statuses = ["queued", "acquired", "loading_model", "running", "streaming", "cancelling", "retrying",
-            "completed", "failed", "timeout", "cancelled"]
+statuses = list(get_args(JobStatus))
 runtimes = st.sampled_from([None, "python", "transformers", "vllm", "pytorch", "tensorflow", "", "x" * 40]) | small_json
 
 
@@ -206,12 +220,14 @@ def job_specs(registered: bool) -> st.SearchStrategy[Any]:
     )
 
 
-BAD_JOB_IDS = [".", "*", ">", "a.b", "a b", " ", "", "a*", "a>", "$KV", "../x", "a\nb", "a\x00b", "é", "\ud800",
-               "x" * 64, "x" * 65, "y" * 200, "01J0000000000000000000000.", "NOPE"]
+#: Job ids that cannot be KV keys (or subject tokens), and two that could but name no job.
+BAD_JOB_IDS = [".", "*", ">", "a.b", "a b", " ", "", "a*", "a>", "$KV", "../x", "a\nb", "a\x00b", "\t", "é",
+               "a.", ".a", "a..b", "x" * 64, "x" * 65, "y" * 200, "01J0000000000000000000000.", "NOPE"]
 
 
 def job_ids(known: list[str]) -> st.SearchStrategy[Any]:
-    return st.sampled_from(known + BAD_JOB_IDS) | _text | small_scalars
+    # A lone surrogate: \ud800 escaped, or (unescaped) bytes that are not UTF-8.
+    return st.sampled_from([*known, *BAD_JOB_IDS, "\ud800"]) | _text | small_scalars
 
 
 model_names = st.sampled_from(
@@ -291,6 +307,8 @@ def check_reply(endpoint: str, msg: Msg) -> str | None:
             return f"error reply without the envelope ({e}): {msg.data[:200]!r}"
         if err.code not in KNOWN_CODES:
             return f"error code {err.code!r} (message: {err.message[:300]!r})"
+        if err.code in INFRA_CODES:
+            return f"infrastructure error {err.code!r} for a request (message: {err.message[:300]!r})"
         status = headers.get(HDR_SERVICE_ERROR_CODE)
         if status != str(ERROR_CLASSES[err.code].status):
             return f"header {HDR_SERVICE_ERROR_CODE}={status!r} for code {err.code!r}"
@@ -331,8 +349,6 @@ async def fire(nc: NATS, names: Names, requests: Iterable[tuple[str, bytes]]) ->
         headers = msg.headers or {}
         key = "ok" if HDR_SERVICE_ERROR_CODE not in headers else decode(msg.data, ErrorReply).error.code
         outcomes[key] = outcomes.get(key, 0) + 1
-        if key == "unavailable":
-            print("UNAVAIL", endpoint, payload[:300], msg.data[:300])
 
     await asyncio.gather(*(one(e, p) for e, p in requests))
     return problems, outcomes
@@ -342,7 +358,7 @@ def report(problems: list[Problem], limit: int = 12) -> str:
     """The smallest offending payloads first, one per distinct finding."""
     seen: dict[tuple[str, str], Problem] = {}
     for p in sorted(problems, key=lambda p: len(p.payload)):
-        seen.setdefault((p.endpoint, p.what.split(":")[0][:60]), p)
+        seen.setdefault((p.endpoint, p.what[:60]), p)
     shown = "\n".join(str(p) for p in list(seen.values())[:limit])
     return f"{len(problems)} bad answers (seed {FUZZ_SEED}; MNEMOS_FUZZ_SEED={FUZZ_SEED} replays):\n{shown}"
 
@@ -382,7 +398,8 @@ async def test_fuzzed_requests_get_an_answer_and_the_control_plane_keeps_serving
     if problems:
         print(report(problems))
 
-    # Whatever happened above, the same control plane still runs a job end to end.
+    # Nothing left hanging, and the same control plane still runs a job end to end.
+    await assert_eventually(lambda: not control_plane._tasks, message="no request left in flight")
     await serves_a_job(start_worker, client)
     assert not problems, report(problems)
     assert outcomes.get("ok", 0) > 0 and outcomes.get("validation_error", 0) > 0, outcomes
@@ -416,8 +433,6 @@ async def test_requests_without_reply_subject_crash_nothing(
         listed = await client.list()
         return len(listed.jobs) == 1
 
-    from tests.conftest import assert_eventually
-
     await assert_eventually(submitted_without_reply, timeout=10, message="no-reply jobs.submit stored")
     job = await client.submit(job_spec("demo-fn:v1", function="add", args=[1, 2]))
     assert (await client.get(job.job_id)).status == "queued"
@@ -435,3 +450,35 @@ async def test_job_ids_that_cannot_be_kv_keys(endpoint: str, control_plane, nc: 
         assert check_reply(endpoint, reply) is None, (job_id, reply.data)
         code = decode(reply.data, ErrorReply).error.code
         assert code in ("validation_error", "job_not_found"), (job_id, code)
+
+
+_DEEP = b"[" * 3_000 + b"]" * 3_000
+_MALFORMED = ("invalid_json", "validation_error")
+
+
+@pytest.mark.parametrize(
+    "endpoint,payload,codes",
+    [
+        # Found by the fuzzing above; each must be a client error, never internal/unavailable.
+        pytest.param("jobs.run", _DEEP_SPOTS["args"] % _DEEP, _MALFORMED, id="deep-input.args"),
+        pytest.param("jobs.submit", _DEEP_SPOTS["runtime_config"] % _DEEP, _MALFORMED, id="deep-runtime_config"),
+        pytest.param("jobs.submit", _DEEP_SPOTS["metadata"] % _DEEP, _MALFORMED, id="deep-metadata"),
+        pytest.param("jobs.get", b'{"job_id": "\xed\xa0\x80"}', _MALFORMED, id="surrogate-not-utf8"),
+        pytest.param("jobs.cancel", b'{"job_id": "A", "reason": "\xff"}', _MALFORMED, id="not-utf8"),
+        pytest.param("jobs.submit", b'{"model": {"family": "ghost", "version": "1."}}',
+                     ("unknown_model", "validation_error"), id="version-trailing-dot"),
+        pytest.param("jobs.run", b'{"model": {"family": "ghost", "version": "1..2"}}',
+                     ("unknown_model", "validation_error"), id="version-double-dot"),
+        pytest.param("models.get", b'{"name": "a:"}', ("model_not_found", "validation_error"), id="name-empty-version"),
+        pytest.param("models.get", b'{"name": "a b:v1"}', ("model_not_found", "validation_error"), id="name-space"),
+        pytest.param("models.get", b'{"name": "a*:v1"}', ("model_not_found", "validation_error"), id="name-wildcard"),
+        pytest.param("models.get", b'{"name": "ghost:1..2"}', ("model_not_found", "validation_error"),
+                     id="name-double-dot"),
+    ],
+)
+async def test_payloads_that_crashed_the_control_plane(
+    endpoint: str, payload: bytes, codes: tuple[str, ...], control_plane, nc: NATS, names: Names
+) -> None:
+    reply = await nc.request(names.api_subject(endpoint), payload, timeout=REQUEST_TIMEOUT_S)
+    assert check_reply(endpoint, reply) is None, reply.data
+    assert decode(reply.data, ErrorReply).error.code in codes, reply.data
