@@ -37,7 +37,6 @@ log = logging.getLogger("mnemos.control_plane")
 class _Due:
     at: float
     record: JobRecord
-    data: bytes
     consumer: str
     seq: int
 
@@ -58,9 +57,9 @@ class DeferredRecords:
         if self._task is None:
             self._task = asyncio.create_task(self._loop(), name="deferred-records")
 
-    def add(self, record: JobRecord, data: bytes, consumer: str, seq: int) -> None:
+    def add(self, record: JobRecord, consumer: str, seq: int) -> None:
         """Track a run-job dispatched as stream sequence ``seq`` for ``consumer``."""
-        self._due.append(_Due(time.monotonic() + self.delay_s, record, data, consumer, seq))
+        self._due.append(_Due(time.monotonic() + self.delay_s, record, consumer, seq))
         self._wake.set()
 
     async def stop(self) -> None:
@@ -72,7 +71,7 @@ class DeferredRecords:
                 await task
             except asyncio.CancelledError:
                 pass
-        pending = [self._write(d.record, d.data) for d in self._due]
+        pending = [self._write(d.record) for d in self._due]
         self._due.clear()
         if pending:
             await asyncio.wait_for(asyncio.gather(*pending), timeout=10.0)
@@ -96,7 +95,7 @@ class DeferredRecords:
                 delivered[consumer] = await self._delivered(consumer)
             for d in batch:
                 if d.seq > delivered[d.consumer]:
-                    await self._write(d.record, d.data)
+                    await self._write(d.record)
 
     async def _delivered(self, consumer: str) -> int:
         """The consumer's last delivered stream sequence (0 if unknown: then write)."""
@@ -107,9 +106,9 @@ class DeferredRecords:
             return 0
         return info.delivered.stream_seq if info.delivered and info.delivered.stream_seq else 0
 
-    async def _write(self, record: JobRecord, data: bytes) -> None:
+    async def _write(self, record: JobRecord) -> None:
         try:
-            await self.jobs.create(record, data)
+            await self.jobs.create(record)
             log.debug("job %s still queued after %.1fs: record written", record.job_id, self.delay_s)
         except Conflict:
             pass  # a worker claimed it first: its record is the one

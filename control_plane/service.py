@@ -133,7 +133,7 @@ class ControlPlane:
         if self._started:
             return
         self._started = True
-        self.layout = await ensure_layout(self.js, self.names, self._layout_options)
+        self.layout = await ensure_layout(self.js, self.names, self._layout_options, owner=True)
         self.publisher = Publisher(self.nc)
         await self.publisher.start()
         self.jobs = JobStore(self.publisher, self.layout.jobs, self.names.jobs_bucket)
@@ -332,11 +332,12 @@ class ControlPlane:
             if claimed_key:  # not accepted: a retry must make a new job
                 await self._release_idempotency_key(spec.idempotency_key or "", layout)
             raise
+        record.queued_seq = seq
         if reply_to is not None and spec.idempotency_key is None and self.deferred is not None:
-            self.deferred.add(record, data, self.names.dispatch_consumer(record.runtime, spec.priority), seq)
+            self.deferred.add(record, self.names.dispatch_consumer(record.runtime, spec.priority), seq)
         else:
             try:
-                await jobs.create(record, data)
+                await jobs.create(record)
             except Conflict:
                 pass  # a worker claimed it first and wrote the record
             except MnemosError as e:  # accepted all the same: the claim writes the record
@@ -519,6 +520,8 @@ class ControlPlane:
 
         record, _ = await jobs.mutate(body.job_id, change)
         if record.status == "cancelled":
+            if record.attempt == 0 and record.queued_seq is not None:
+                await self._drop_dispatch_message(record.queued_seq)  # never to be pulled
             await self._announce_final(record)
         else:
             await self.nc.publish(self.names.cancel_subject(record.job_id), encode(body))

@@ -62,6 +62,17 @@ async def _serve_until_signal(serve: Callable[[asyncio.Event], Awaitable[Any]]) 
     return await serve(stop)
 
 
+def _settings(cls: type[T], **overrides: Any) -> T:
+    """Settings from the environment plus ``overrides``; invalid ones exit with code 4."""
+    import pydantic
+
+    try:
+        return cls(**overrides)
+    except pydantic.ValidationError as e:
+        err_console.print(f"[red]error[/red] [bold]invalid configuration[/bold] ({cls.__name__}):\n{e}")
+        sys.exit(4)
+
+
 def _setup_logging() -> None:
     level = os.environ.get("MNEMOS_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -79,7 +90,7 @@ def cli(ctx: click.Context, nats_url: str | None, namespace: str | None, output:
         overrides["nats_url"] = nats_url
     if namespace:
         overrides["namespace"] = namespace
-    ctx.obj = _Ctx(NatsSettings(**overrides), output)
+    ctx.obj = _Ctx(_settings(NatsSettings, **overrides), output)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -109,7 +120,7 @@ def control_plane_cmd(obj: _Ctx) -> None:
     from control_plane.main import serve
 
     _setup_logging()
-    settings = ControlPlaneSettings()
+    settings = _settings(ControlPlaneSettings)
     _run(_serve_until_signal(lambda stop: serve(obj.settings, settings, stop)))
 
 
@@ -129,8 +140,9 @@ def worker_cmd(obj: _Ctx, runtimes: str | None, slots: int | None) -> None:
         overrides["runtimes"] = runtimes
     if slots:
         overrides["max_concurrent_jobs"] = slots
-    settings = WorkerSettings(**overrides)
-    _run(_serve_until_signal(lambda stop: serve(obj.settings, settings, RegistrySettings(), stop)))
+    settings = _settings(WorkerSettings, **overrides)
+    registry_settings = _settings(RegistrySettings)
+    _run(_serve_until_signal(lambda stop: serve(obj.settings, settings, registry_settings, stop)))
 
 
 # ---------------------------------------------------------------------------- jobs
@@ -309,7 +321,7 @@ def jobs_watch(obj: _Ctx, job_id: str) -> None:
                 if obj.output == "json":
                     click.echo(encode(item).decode())
                 elif isinstance(item, ResultChunk):
-                    sys.stdout.write(item.text or json.dumps(item.data))
+                    sys.stdout.write(item.text if item.data is None else json.dumps(item.data) + "\n")
                     sys.stdout.flush()
             return await client.get(job_id)
 

@@ -206,9 +206,14 @@ class Client:
                         return
                     continue
                 item: ResultChunk | ResultFinal = decode(msg.data, ResultMessage)  # type: ignore[arg-type]
-                yield item
                 if isinstance(item, ResultFinal) and item.status in TERMINAL_STATUSES:
+                    # The end of an earlier attempt (the job was retried since) is not the end.
+                    if item.attempt < (await self.get(job_id)).attempt:
+                        yield item
+                        continue
+                    yield item
                     return
+                yield item
         finally:
             await sub.unsubscribe()
 

@@ -43,14 +43,15 @@ class Layout:
     idempotency: KeyValue
 
 
-async def _ensure_stream(js: JetStreamContext, config: jsapi.StreamConfig) -> None:
+async def _ensure_stream(js: JetStreamContext, config: jsapi.StreamConfig, update: bool) -> None:
     try:
         await js.add_stream(config)
     except BadRequestError as e:
         if e.err_code != 10058:  # name in use with a different configuration
             raise
-        log.info("stream %s exists with another configuration; updating it", config.name)
-        await js.update_stream(config)
+        if update:
+            log.info("stream %s exists with another configuration; updating it", config.name)
+            await js.update_stream(config)
 
 
 async def _ensure_kv(js: JetStreamContext, config: jsapi.KeyValueConfig) -> KeyValue:
@@ -66,8 +67,14 @@ async def _ensure_kv(js: JetStreamContext, config: jsapi.KeyValueConfig) -> KeyV
         return await js.key_value(config.bucket)
 
 
-async def ensure_layout(js: JetStreamContext, names: Names, options: LayoutOptions | None = None) -> Layout:
-    """Create the namespace's streams and buckets if missing and return the KV handles."""
+async def ensure_layout(
+    js: JetStreamContext, names: Names, options: LayoutOptions | None = None, *, owner: bool = False
+) -> Layout:
+    """Create the namespace's streams and buckets if missing and return the KV handles.
+
+    Only the ``owner`` (the control plane, which reads the retention settings) changes an
+    existing stream's configuration; every other process takes what it finds.
+    """
     o = options or LayoutOptions()
     await _ensure_stream(
         js,
@@ -82,6 +89,7 @@ async def ensure_layout(js: JetStreamContext, names: Names, options: LayoutOptio
             duplicate_window=120.0,
             allow_direct=True,
         ),
+        owner,
     )
     await _ensure_stream(
         js,
@@ -98,6 +106,7 @@ async def ensure_layout(js: JetStreamContext, names: Names, options: LayoutOptio
             duplicate_window=120.0,
             allow_direct=True,
         ),
+        owner,
     )
     jobs = await _ensure_kv(
         js,

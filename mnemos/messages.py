@@ -251,6 +251,8 @@ class JobRecord(_Strict, tag="io.mnemos.v1.job", tag_field="type"):
     tenant: str | None = None
     #: Inbox of a waiting ``jobs.run`` requester; whoever finishes the job answers it.
     reply_to: str | None = None
+    #: Stream sequence of the dispatch message that queued the job (a cancel removes it).
+    queued_seq: int | None = None
 
     @property
     def terminal(self) -> bool:
@@ -332,7 +334,7 @@ class SystemResources(_Strict):
     gpus: list[GPUInfo] = field(default_factory=list)
 
 
-WorkerStatus = Literal["initializing", "idle", "busy", "draining", "stopped", "error"]
+WorkerStatus = Literal["initializing", "idle", "busy", "paused", "draining", "stopped", "error"]
 
 
 class WorkerRecord(_Strict, tag="io.mnemos.v1.worker", tag_field="type"):

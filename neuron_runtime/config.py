@@ -22,13 +22,14 @@ def default_worker_id() -> str:
 
 
 class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MNEMOS_WORKER_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="MNEMOS_WORKER_", extra="ignore", frozen=True,
+                                      populate_by_name=True)
 
     #: ``MNEMOS_WORKER_ID`` (default: hostname plus a random suffix).
     worker_id: str = Field(
         default_factory=default_worker_id,
         pattern=r"^[A-Za-z0-9_-]{1,64}$",
-        validation_alias=AliasChoices("worker_id", "MNEMOS_WORKER_ID"),
+        validation_alias=AliasChoices("MNEMOS_WORKER_ID"),
     )
     #: Runtimes to serve; empty means every runtime that can run here.
     runtimes: Annotated[list[str], NoDecode] = Field(default_factory=list)

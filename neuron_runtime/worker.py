@@ -24,7 +24,7 @@ from mnemos.config import NatsSettings
 from mnemos.errors import MnemosError, ValidationFailed
 from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
-from mnemos.layout import Layout, ensure_layout
+from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.messages import JobRecord, WorkerCommand, WorkerRecord, decode, encode, utcnow
 from neuron_runtime.cache import DiskCache
 from neuron_runtime.config import WorkerSettings
@@ -117,7 +117,7 @@ class Worker:
             import torch
 
             torch.set_num_threads(s.torch_threads)
-        self.layout = await ensure_layout(self.js, self.names)
+        self.layout = await ensure_layout(self.js, self.names, LayoutOptions(replicas=self.nats_settings.replicas))
         self.catalog = ModelCatalog(self.layout.models)
         await self.catalog.start()
         disk = DiskCache(
@@ -354,7 +354,7 @@ class Worker:
             worker_id=self.worker_id,
             hostname=socket.gethostname(),
             version=self.settings.version,
-            status=self._status,  # type: ignore[arg-type]
+            status="paused" if self._paused and self._status in ("idle", "busy") else self._status,  # type: ignore[arg-type]
             runtimes=list(self.runtimes),  # type: ignore[arg-type]
             max_concurrent_jobs=self.settings.max_concurrent_jobs,
             free_slots=self.free_slots,

@@ -70,6 +70,8 @@ async def test_cancel_queued_job_is_never_run(control_plane, start_worker, demo_
     job = await client.submit(job_spec("demo-fn:v1", function="add", args=[1, 1]))
     cancelled = await client.cancel(job.job_id)
     assert cancelled.status == "cancelled"
+    info = await control_plane.js.stream_info(control_plane.names.dispatch_stream)
+    assert info.state.messages == 0  # its dispatch message is gone: nothing left to pull
     worker = await start_worker()
     # A later job on the same queue runs; the cancelled one is dropped, never executed.
     after = await client.run(job_spec("demo-fn:v1", function="add", args=[1, 2]), timeout=30)
