@@ -32,6 +32,8 @@ __all__ = ["DeferredRecords"]
 
 log = logging.getLogger("mnemos.control_plane")
 
+_ROUND_S = 0.25
+
 
 @dataclass(frozen=True, slots=True)
 class _Due:
@@ -96,6 +98,9 @@ class DeferredRecords:
             for d in batch:
                 if d.seq > delivered[d.consumer]:
                     await self._write(d.record)
+            # One round of CONSUMER.INFO per consumer at most every _ROUND_S, however many
+            # jobs arrive (due jobs wait up to that much longer).
+            await asyncio.sleep(_ROUND_S)
 
     async def _delivered(self, consumer: str) -> int:
         """The consumer's last delivered stream sequence (0 if unknown: then write)."""
