@@ -3,6 +3,7 @@ stale dispatch messages, dead-lettering."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -217,3 +218,29 @@ def _policy():  # noqa: ANN202
     from mnemos.messages import RetryPolicy
 
     return RetryPolicy()
+
+
+async def test_vanished_worker_past_the_timeout_ends_the_job_as_timeout(
+    control_plane, demo_fn, client, worker_process
+) -> None:
+    doomed = worker_process("doomed3")
+    await assert_eventually(lambda: _listed(client, "doomed3"), timeout=30)
+    spec = job_spec("demo-fn:v1", function="sleep", args=[30], timeout_seconds=1.0)
+    spec.retry_config = decode(encode({"max_retries": 0}), type(spec.retry_config or _policy()))
+    job = await client.submit(spec)
+    await assert_eventually(lambda: _reported(client, "doomed3", job.job_id), timeout=10)
+    os.killpg(doomed.pid, signal.SIGSTOP)  # frozen: no heartbeats, no timeout enforcement of its own
+    try:
+        done = await client.wait(job.job_id, timeout=20)
+    finally:
+        os.killpg(doomed.pid, signal.SIGKILL)
+    assert done.status == "timeout" and done.error.code == "timeout"
+    assert [a.outcome for a in done.attempts] == ["timeout"]
+
+
+async def test_worker_recycles_after_max_lifetime(control_plane, start_worker, demo_fn, client) -> None:
+    worker = await start_worker(max_lifetime_s=0.5)
+    await asyncio.sleep(0.6)
+    await client.run(job_spec("demo-fn:v1", function="noop"), timeout=10)
+    await assert_eventually(lambda: worker.exit_requested.is_set())
+    assert worker.exit_reason.startswith("recycle: older than")
