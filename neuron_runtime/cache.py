@@ -32,7 +32,7 @@ import msgspec
 
 from mnemos.errors import ArtifactError
 from mnemos.messages import ArtifactLocation, ModelFile, ModelRecord
-from registry.store import ArtifactStore, object_name
+from registry.store import ArtifactStore, StoreClients, object_name
 
 __all__ = ["MARKER", "CacheEntry", "DiskCache", "content_digest"]
 
@@ -124,8 +124,7 @@ class DiskCache:
             raise ValueError("budget_bytes must be positive")
         self.root = Path(root)
         self.budget_bytes = budget_bytes
-        self._open_store = open_store
-        self._stores: dict[tuple[str, str], ArtifactStore] = {}
+        self._stores = StoreClients(open_store)
         self._slots: dict[str, _Slot] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._clock = itertools.count(1)
@@ -153,9 +152,7 @@ class DiskCache:
 
     async def stop(self) -> None:
         """Close store clients (idempotent). Directories stay for the next start."""
-        stores, self._stores = self._stores, {}
-        for store in stores.values():
-            await store.close()
+        await self._stores.close()
         self._started = False
 
     async def __aenter__(self) -> Self:
@@ -257,10 +254,7 @@ class DiskCache:
             log.debug("could not touch %s: %s", path / MARKER, e)
 
     def _store(self, location: ArtifactLocation) -> ArtifactStore:
-        store = self._stores.get((location.store, location.bucket))
-        if store is None:
-            store = self._stores[(location.store, location.bucket)] = self._open_store(location)
-        return store
+        return self._stores.get(location)
 
     def _count(self, n: int) -> None:
         self.bytes_downloaded += n

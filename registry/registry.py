@@ -35,7 +35,7 @@ from mnemos.messages import ArtifactLocation, Family, ModelFile, ModelRecord, Ve
 from mnemos.names import Names, model_key, model_name
 from mnemos.runtime_config import parse_runtime_config
 from registry.config import RegistrySettings
-from registry.store import ArtifactStore, NatsArtifactStore, object_name, open_store
+from registry.store import ArtifactStore, NatsArtifactStore, StoreClients, object_name, open_store
 
 __all__ = ["ModelDeleted", "PushProgress", "Registry", "parse_model_name", "scan_directory"]
 
@@ -163,7 +163,7 @@ class Registry:
         #: JetStream replicas for buckets the registry creates (3 on a cluster).
         self._replicas = replicas
         self._kv: KeyValue | None = None
-        self._stores: dict[tuple[str, str], ArtifactStore] = {}
+        self._stores = StoreClients(lambda location: open_store(location, self._js, self._settings))
 
     async def start(self) -> None:
         """Open the models bucket, creating the namespace layout if it is missing (idempotent)."""
@@ -178,9 +178,7 @@ class Registry:
 
     async def stop(self) -> None:
         """Release store clients (idempotent)."""
-        stores, self._stores = self._stores, {}
-        for store in stores.values():
-            await store.close()
+        await self._stores.close()
         self._kv = None
 
     async def __aenter__(self) -> Self:
@@ -203,10 +201,10 @@ class Registry:
         """The store new models go to: ``kind`` or the configured ``artifact_store``."""
         kind = kind or self._settings.artifact_store
         if kind == "nats":
-            bucket = self._names.artifacts_bucket
-            if ("nats", bucket) not in self._stores:
-                self._stores[("nats", bucket)] = NatsArtifactStore(self._js, bucket, replicas=self._replicas)
-            return self._stores[("nats", bucket)]
+            location = ArtifactLocation(store="nats", bucket=self._names.artifacts_bucket, prefix="")
+            return self._stores.get(
+                location, lambda loc: NatsArtifactStore(self._js, loc.bucket, replicas=self._replicas)
+            )
         if kind == "s3":
             if not self._settings.s3_bucket:
                 raise ValidationFailed("store 's3' needs s3_bucket (MNEMOS_S3_BUCKET)")
@@ -215,10 +213,7 @@ class Registry:
 
     def store_for(self, location: ArtifactLocation) -> ArtifactStore:
         """The store holding the files at ``location`` (one client per store and bucket)."""
-        store = self._stores.get((location.store, location.bucket))
-        if store is None:
-            store = self._stores[(location.store, location.bucket)] = open_store(location, self._js, self._settings)
-        return store
+        return self._stores.get(location)
 
     # -- reading -----------------------------------------------------------------------
     async def _read(self, family: str, version: str) -> tuple[ModelRecord, int] | None:

@@ -44,6 +44,7 @@ __all__ = [
     "S3ArtifactStore",
     "object_name",
     "open_store",
+    "StoreClients",
 ]
 
 log = logging.getLogger("mnemos.registry")
@@ -370,6 +371,28 @@ class S3ArtifactStore(ArtifactStore):
 
 
 # ----------------------------------------------------------------------------- selection
+
+
+class StoreClients:
+    """One client per (store kind, bucket), opened on first use and closed together."""
+
+    def __init__(self, open_store: Callable[[ArtifactLocation], ArtifactStore]) -> None:
+        self._open = open_store
+        self._stores: dict[tuple[str, str], ArtifactStore] = {}
+
+    def get(
+        self, location: ArtifactLocation, opener: Callable[[ArtifactLocation], ArtifactStore] | None = None
+    ) -> ArtifactStore:
+        key = (location.store, location.bucket)
+        store = self._stores.get(key)
+        if store is None:
+            store = self._stores[key] = (opener or self._open)(location)
+        return store
+
+    async def close(self) -> None:
+        stores, self._stores = self._stores, {}
+        for store in stores.values():
+            await store.close()
 
 
 def open_store(

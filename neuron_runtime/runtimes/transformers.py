@@ -126,6 +126,30 @@ class StopStringFilter:
         return keep + longest
 
 
+def text_output(
+    text: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    finish_reason: str,
+    model: str,
+    metrics: dict[str, float],
+    **extra: Any,
+) -> JobOutput:
+    """The output of a text generation, with the token counts every text runtime reports."""
+    return JobOutput(
+        result=text,
+        metadata={
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "finish_reason": finish_reason,
+            "model": model,
+            **extra,
+        },
+        metrics=metrics,
+    )
+
+
 class IncrementalDetokenizer:
     """The text of a growing token sequence at linear total cost (vLLM's approach).
 
@@ -368,17 +392,8 @@ class TransformersModel(LoadedModel):
         logger.debug(
             "job %s generated %d tokens in %.1f ms (%s)", ctx.job_id, completion_tokens, elapsed * 1e3, finish_reason
         )
-        return JobOutput(
-            result=generation.filter.text,
-            metadata={
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "finish_reason": finish_reason,
-                "model": self.record.name,
-            },
-            metrics=metrics,
-        )
+        return text_output(generation.filter.text, prompt_tokens, completion_tokens, finish_reason,
+                           self.record.name, metrics)
 
     async def unload(self) -> None:
         """Drop the weights and give GPU memory back (after any generation still winding down)."""

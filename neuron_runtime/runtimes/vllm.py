@@ -33,7 +33,7 @@ from mnemos.errors import ExecutionError, MnemosError, ModelLoadError, Validatio
 from mnemos.messages import JobOutput, ModelRecord
 from mnemos.runtime_config import VLLMConfig
 from neuron_runtime.runtimes.base import ExecutionContext, LoadedModel, Runtime
-from neuron_runtime.runtimes.transformers import DEFAULT_MAX_TOKENS, StopStringFilter
+from neuron_runtime.runtimes.transformers import DEFAULT_MAX_TOKENS, StopStringFilter, text_output
 
 __all__ = ["VLLMRuntime", "VLLMModel", "EngineFactory", "SamplingParamsFactory", "engine_kwargs"]
 
@@ -195,18 +195,8 @@ class VLLMModel(LoadedModel):
         }
         if state["first_at"] is not None:
             metrics["time_to_first_token_ms"] = (state["first_at"] - started) * 1000.0
-        return JobOutput(
-            result=stream.text,
-            metadata={
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens,
-                "finish_reason": finish_reason,
-                "model": self.record.name,
-                "request_id": request_id,
-            },
-            metrics=metrics,
-        )
+        return text_output(stream.text, prompt_tokens, completion_tokens, finish_reason, self.record.name, metrics,
+                           request_id=request_id)
 
     async def abort(self, ctx: ExecutionContext) -> None:
         """Cancel ``ctx``'s job: abort its engine request only, then flag the context."""
