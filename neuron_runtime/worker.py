@@ -234,10 +234,9 @@ class Worker:
         if task is None:
             return
         task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        done, _ = await asyncio.wait({task}, timeout=5.0)
+        if not done:
+            log.error("background task %s did not stop within 5 s; leaving it", name)
 
     @staticmethod
     async def _every(interval: float, fn: Any) -> None:

@@ -85,7 +85,18 @@ async def layout(nc: NATS, names: Names) -> AsyncIterator[Layout]:
     js = nc.jetstream()
     lay = await ensure_layout(js, names)
     yield lay
-    await drop_namespace(nc, names)
+    await _bounded(drop_namespace(nc, names), "namespace cleanup")
+
+
+async def _bounded(step: Awaitable[Any], what: str, timeout: float = 30.0) -> None:
+    """Run a teardown step with a deadline, so one stuck step names itself instead of
+    hanging the session."""
+    try:
+        await asyncio.wait_for(step, timeout)
+    except TimeoutError:
+        import warnings
+
+        warnings.warn(f"teardown: {what} did not finish within {timeout}s", stacklevel=2)
 
 
 async def drop_namespace(nc: NATS, names: Names) -> None:
@@ -166,8 +177,8 @@ async def control_plane(nats_settings: NatsSettings, layout: Layout) -> AsyncIte
     cp = ControlPlane(conn, nats_settings, ControlPlaneSettings())
     await cp.start()
     yield cp
-    await cp.stop()
-    await conn.close()
+    await _bounded(cp.stop(), "control plane stop")
+    await _bounded(conn.close(), "connection close")
 
 
 @pytest.fixture
@@ -198,8 +209,8 @@ async def start_worker(
 
     yield start
     for worker, conn in reversed(started):
-        await worker.drain()
-        await conn.close()
+        await _bounded(worker.drain(), f"drain of {worker.worker_id}")
+        await _bounded(conn.close(), "connection close")
 
 
 @pytest.fixture
