@@ -26,6 +26,7 @@ from nats.js import JetStreamContext
 
 from mnemos.errors import Conflict, MnemosError
 from mnemos.jobstore import JobStore
+from mnemos.tasks import cancel_and_wait
 from mnemos.messages import JobRecord
 
 __all__ = ["DeferredRecords"]
@@ -67,12 +68,7 @@ class DeferredRecords:
     async def stop(self) -> None:
         """Write every pending record now (bounded), then stop."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         pending = [self._write(d.record) for d in self._due]
         self._due.clear()
         if pending:

@@ -27,6 +27,7 @@ from mnemos.errors import JobTimeout, MnemosError, ValidationFailed, WorkerLost
 from mnemos.jobstore import JobStore
 from mnemos.messages import ACTIVE_STATUSES, JobRecord, Phase, WorkerRecord, decode, utcnow
 from mnemos.retry import failures, policy_for
+from mnemos.tasks import cancel_and_wait
 
 __all__ = ["Reaper"]
 
@@ -61,12 +62,7 @@ class Reaper:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await cancel_and_wait(task)
         if self._recoveries:
             await asyncio.wait(set(self._recoveries), timeout=10.0)
 

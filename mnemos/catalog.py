@@ -16,6 +16,7 @@ from nats.js.kv import KeyValue
 from mnemos.errors import ModelNotFound, ValidationFailed
 from mnemos.messages import ModelRecord, decode
 from mnemos.names import model_key
+from mnemos.tasks import cancel_and_wait
 
 __all__ = ["ModelCatalog"]
 
@@ -51,13 +52,7 @@ class ModelCatalog:
 
     async def stop(self) -> None:
         task, self._task = self._task, None
-        if task is None:
-            return
-        task.cancel()
-        try:
-            await task
-        except asyncio.CancelledError:
-            pass
+        await cancel_and_wait(task)
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         try:

@@ -26,6 +26,7 @@ from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.messages import JobRecord, WorkerCommand, WorkerRecord, decode, encode, utcnow
+from mnemos.tasks import cancel_and_wait
 from neuron_runtime.cache import DiskCache
 from neuron_runtime.config import WorkerSettings
 from neuron_runtime.executor import Executor
@@ -230,13 +231,7 @@ class Worker:
             self.exit_requested.set()
 
     async def _cancel_background(self, name: str) -> None:
-        task = self._background.pop(name, None)
-        if task is None:
-            return
-        task.cancel()
-        done, _ = await asyncio.wait({task}, timeout=5.0)
-        if not done:
-            log.error("background task %s did not stop within 5 s; leaving it", name)
+        await cancel_and_wait(self._background.pop(name, None))
 
     @staticmethod
     async def _every(interval: float, fn: Any) -> None:
