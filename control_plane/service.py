@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -173,7 +174,7 @@ class ControlPlane:
             await self.service.add_endpoint(
                 name=name,
                 subject=self.names.api_subject(endpoint),
-                handler=self._concurrent(handlers[endpoint]),
+                handler=self._concurrent(handlers[endpoint], name),
                 metadata={"endpoint": endpoint},
             )
         await self.nc.flush()
@@ -210,18 +211,35 @@ class ControlPlane:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _concurrent(self, fn: Callable[[Request], Awaitable[None]]) -> Callable[[Request], Awaitable[None]]:
+    def _concurrent(
+        self, fn: Callable[[Request], Awaitable[None]], endpoint: str
+    ) -> Callable[[Request], Awaitable[None]]:
         """Run each request in its own task (nats-py awaits handlers one by one otherwise)."""
 
         async def handler(req: Request) -> None:
             await self._slots.acquire()
-            task = asyncio.create_task(self._serve(fn, req))
+            task = asyncio.create_task(self._serve(fn, req, endpoint))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
         return handler
 
-    async def _serve(self, fn: Callable[[Request], Awaitable[None]], req: Request) -> None:
+    def _account(self, endpoint: str, elapsed_ns: int, error: MnemosError | None) -> None:
+        """Keep ``$SRV.STATS`` truthful: nats.micro only sees the handler that spawns the
+        task, so the task's time and errors are added to the endpoint's counters here
+        (nats-py 2.16 keeps them in these attributes; a missing one is skipped)."""
+        ep = next((e for e in getattr(self.service, "_endpoints", []) if getattr(e, "_name", "") == endpoint), None)
+        if ep is None or not hasattr(ep, "_processing_time"):
+            return
+        ep._processing_time += elapsed_ns
+        ep._average_processing_time = int(ep._processing_time / max(1, ep._num_requests))
+        if error is not None:
+            ep._num_errors += 1
+            ep._last_error = f"{error.code}: {error.message}"
+
+    async def _serve(self, fn: Callable[[Request], Awaitable[None]], req: Request, endpoint: str) -> None:
+        started = time.perf_counter_ns()
+        error: MnemosError | None = None
         try:
             if len(req.data) > self.settings.max_request_bytes:
                 raise PayloadTooLarge(
@@ -229,14 +247,17 @@ class ControlPlane:
                 )
             await fn(req)
         except MnemosError as e:
+            error = e
             await self._respond_error(req, e)
         except Exception as e:
             mapped = unavailable_from(e)
             if mapped is None:
                 log.exception("unexpected error serving %s", req.subject)
-            await self._respond_error(req, mapped or Internal(f"{type(e).__name__}: {e}"))
+            error = mapped or Internal(f"{type(e).__name__}: {e}")
+            await self._respond_error(req, error)
         finally:
             self._slots.release()
+            self._account(endpoint, time.perf_counter_ns() - started, error)
 
     async def _respond_error(self, req: Request, err: MnemosError) -> None:
         if not _reply_subject(req):

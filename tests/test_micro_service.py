@@ -75,6 +75,16 @@ async def test_errors_use_one_envelope(
     assert err.message
 
 
+async def test_stats_count_errors_and_time(control_plane, nc: NATS, names: Names) -> None:
+    for _ in range(3):
+        await nc.request(names.api_subject("jobs.get"), b'{"job_id": "NOPE"}', timeout=2)
+    reply = await nc.request(f"$SRV.STATS.{SERVICE_NAME}.{control_plane.service.id}", b"", timeout=2)
+    [get] = [e for e in json.loads(reply.data)["endpoints"] if e["name"] == "jobs-get"]
+    assert get["num_requests"] == 3 and get["num_errors"] == 3
+    assert get["last_error"].startswith("job_not_found")
+    assert get["processing_time"] > 0
+
+
 async def test_oversized_request_is_rejected(control_plane, nc: NATS, names: Names) -> None:
     big = b'{"model": {"family": "x", "version": "1"}, "metadata": {"pad": "' + b"x" * 600_000 + b'"}}'
     reply = await nc.request(names.api_subject("jobs.submit"), big, timeout=5)
