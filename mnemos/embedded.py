@@ -6,7 +6,6 @@ ignores ``filter_subjects`` and per-message TTL (DESIGN.md section 7).
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import signal
@@ -20,7 +19,7 @@ from pathlib import Path
 
 from mnemos.errors import Unavailable
 
-__all__ = ["nats_server_binary", "free_port", "die_with_parent", "EmbeddedNats", "ClusterNode"]
+__all__ = ["nats_server_binary", "free_port", "die_with_parent", "EmbeddedNats"]
 
 
 def die_with_parent() -> None:
@@ -47,14 +46,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class ClusterNode:
-    """One route of a loopback JetStream cluster."""
-
-    name: str
-    cluster_port: int
 
 
 @dataclass
@@ -156,9 +147,6 @@ class EmbeddedNats:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
-
-    async def wait_ready(self) -> None:
-        await asyncio.to_thread(self.start)
 
     def __enter__(self) -> "EmbeddedNats":
         self.start()

@@ -179,10 +179,6 @@ class Names:
     def api_queue_group(self) -> str:
         return f"{self.prefix}-control-plane"
 
-    @property
-    def js_api_prefix(self) -> str:
-        return "$JS.API"
-
     @staticmethod
     def kv_key_subject(bucket: str, key: str) -> str:
         """Raw subject of a KV key (used to publish with per-message headers such as TTL)."""

@@ -149,12 +149,9 @@ class PriorityPuller:
 
     # ------------------------------------------------------------------ inbound
 
-    def _on_doorbell_level(self, subject: str) -> Level:
-        return Names.parse_dispatch_subject(subject)
-
     async def _on_doorbell(self, msg: Msg) -> None:
         try:
-            self.doorbell.ring(self._on_doorbell_level(msg.subject))
+            self.doorbell.ring(Names.parse_dispatch_subject(msg.subject))
         except (IndexError, ValueError):
             log.warning("ignoring dispatch doorbell on malformed subject %s", msg.subject)
 

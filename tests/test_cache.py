@@ -12,7 +12,6 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mnemos.errors import ArtifactError
-from mnemos.layout import Layout
 from mnemos.messages import ArtifactLocation, ModelRecord
 from mnemos.names import Names
 from neuron_runtime.cache import MARKER, DiskCache, content_digest
@@ -30,13 +29,6 @@ def write_model(root: Path, seed: str) -> Path:
     (root / "vocab.txt").write_bytes(b"v" * 50)
     (root / "empty.txt").write_bytes(b"")
     return root
-
-
-@pytest.fixture
-async def registry(nc: NATS, names: Names, layout: Layout) -> Registry:
-    reg = Registry(nc.jetstream(), names, RegistrySettings(artifact_store="nats"))
-    await reg.start()
-    return reg
 
 
 @pytest.fixture

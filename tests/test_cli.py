@@ -27,22 +27,9 @@ async def test_models_push_and_ls(nats_settings, layout, control_plane, tmp_path
     model_dir.mkdir()
     (model_dir / "functions.py").write_text("def hello(name):\n    return f'hello {name}'\n")
     (model_dir / "weights.bin").write_bytes(b"\x00" * 300_000)
-    pushed = await _cli(
-        nats_settings,
-        "models",
-        "push",
-        str(model_dir),
-        "--family",
-        "greeter",
-        "--version",
-        "v1",
-        "--runtime",
-        "python",
-        "--config",
-        '{"entrypoint": "functions.py:hello"}',
-        "--alias",
-        "greeter-latest",
-    )
+    push = ["models", "push", str(model_dir), "--family", "greeter", "--version", "v1", "--runtime", "python",
+            "--config", '{"entrypoint": "functions.py:hello"}', "--alias", "greeter-latest"]
+    pushed = await _cli(nats_settings, *push)
     assert pushed.returncode == 0, pushed.stderr
     assert "registered greeter:v1" in pushed.stdout
     listed = json.loads((await _cli(nats_settings, "-o", "json", "models", "ls")).stdout)
@@ -52,20 +39,7 @@ async def test_models_push_and_ls(nats_settings, layout, control_plane, tmp_path
         "functions.py": (model_dir / "functions.py").stat().st_size,
         "weights.bin": 300_000,
     }
-    again = await _cli(
-        nats_settings,
-        "models",
-        "push",
-        str(model_dir),
-        "--family",
-        "greeter",
-        "--version",
-        "v1",
-        "--runtime",
-        "python",
-        "--config",
-        '{"entrypoint": "functions.py:hello"}',
-    )
+    again = await _cli(nats_settings, *push[:-2])  # the same version again, without the alias
     assert again.returncode == 6 and "conflict" in again.stderr  # exists: exit code 6
 
 

@@ -55,13 +55,6 @@ def make_model_dir(root: Path, seed: str = "a", *, extra: dict[str, bytes] | Non
     return root
 
 
-@pytest.fixture
-async def registry(nc: NATS, names: Names, layout: Layout) -> Registry:
-    reg = Registry(nc.jetstream(), names, RegistrySettings(artifact_store="nats"))
-    await reg.start()
-    return reg
-
-
 def test_scan_directory_hashes_regular_files_and_skips_hidden_and_temp(tmp_path: Path) -> None:
     model = make_model_dir(tmp_path / "m")
     files = scan_directory(model)
