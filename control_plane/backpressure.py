@@ -4,7 +4,8 @@ The count comes from one ``STREAM.INFO`` (``subjects_filter``) of the dispatch s
 holds every job that is queued or being worked on. It is refreshed in the background
 while submissions arrive (at most every ``refresh_s``), never on the request path, so the
 bound is approximate by up to ``refresh_s`` worth of submissions; an idle control plane
-asks nothing. Beyond the bound, submit fails fast with ``queue_full`` (HTTP 429).
+asks nothing (a metrics scrape refreshes stale counts too, see :meth:`QueueDepth.ensure_fresh`).
+Beyond the bound, submit fails fast with ``queue_full`` (HTTP 429).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from nats.aio.client import Client as NATS
 
 from mnemos.errors import QueueFull
 from mnemos.names import Names
+from mnemos.tasks import cancel_and_wait
 
 __all__ = ["QueueDepth"]
 
@@ -34,6 +36,7 @@ class QueueDepth:
         self.by_level: dict[tuple[str, int], int] = {}
         self._at = 0.0
         self._refreshing: asyncio.Task[None] | None = None
+        self._closed = False
 
     def check(self, runtime: str) -> None:
         """Raise QueueFull if ``runtime``'s queue is at the bound; refresh the counts if stale."""
@@ -45,6 +48,22 @@ class QueueDepth:
                 f"{queued} {runtime} jobs are queued (limit {self.limit}); retry later",
                 details={"runtime": runtime, "queued": queued, "limit": self.limit, "retry_after_s": 1},
             )
+
+    async def ensure_fresh(self) -> None:
+        """Refresh the counts unless they are at most ``refresh_s`` old (a metrics scrape:
+        however often it comes, at most one ``STREAM.INFO`` per ``refresh_s``)."""
+        if self._closed or time.monotonic() - self._at <= self.refresh_s:
+            return
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.create_task(self.refresh())
+        await asyncio.shield(self._refreshing)  # a cancelled scrape leaves it to finish
+
+    async def close(self) -> None:
+        """Stop a refresh in flight and start no more for scrapes (control-plane shutdown)."""
+        self._closed = True
+        task, self._refreshing = self._refreshing, None
+        if task is not None and not task.done():
+            await cancel_and_wait(task)
 
     async def refresh(self) -> None:
         """Read the per-subject counts of the dispatch stream."""

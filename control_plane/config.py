@@ -28,3 +28,7 @@ class ControlPlaneSettings(BaseSettings):
     job_retention_s: float = Field(default=7 * 24 * 3600, gt=0)
     results_retention_s: float = Field(default=24 * 3600, gt=0)
     idempotency_window_s: float = Field(default=24 * 3600, gt=0)
+    #: Prometheus endpoint ``http://<metrics_host>:<metrics_port>/metrics``; port 0 picks a
+    #: free one, -1 turns it off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9091, ge=-1, le=65535)

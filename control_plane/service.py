@@ -27,6 +27,7 @@ from nats.micro.service import Service
 from control_plane.backpressure import QueueDepth
 from control_plane.config import ControlPlaneSettings
 from control_plane.deferred import DeferredRecords
+from control_plane.metrics import OK, ControlPlaneMetrics
 from control_plane.reaper import Reaper
 from mnemos.catalog import ModelCatalog
 from mnemos.config import NatsSettings
@@ -50,6 +51,7 @@ from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
 from mnemos.kvscan import kv_values
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
+from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
 from mnemos.messages import (
     ACTIVE_STATUSES,
     CancelJob,
@@ -66,8 +68,8 @@ from mnemos.messages import (
     ModelList,
     ModelRecord,
     TERMINAL_STATUSES,
-    ResultChunk,
     ResultFinal,
+    decode_result,
     RetryJob,
     WorkerList,
     WorkerRecord,
@@ -77,7 +79,7 @@ from mnemos.messages import (
     new_job_id,
     utcnow,
 )
-from mnemos.names import HDR_MSG_ID, RUNTIMES, SERVICE_NAME, SERVICE_VERSION
+from mnemos.names import HDR_MSG_ID, HDR_TENANT, RUNTIMES, SERVICE_NAME, SERVICE_VERSION
 from mnemos.runtime_config import parse_runtime_config
 
 __all__ = ["ControlPlane", "ENDPOINTS"]
@@ -124,6 +126,8 @@ class ControlPlane:
         self.deferred: DeferredRecords | None = None
         self.reaper: Reaper | None = None
         self.depth: QueueDepth | None = None
+        self.metrics = ControlPlaneMetrics()
+        self.metrics_server: MetricsServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._started = False
@@ -133,6 +137,13 @@ class ControlPlane:
     async def start(self) -> None:
         if self._started:
             return
+        if self.settings.metrics_port != METRICS_DISABLED:
+            # First: a taken port fails the start before anything else is started.
+            self.metrics_server = await serve_metrics(
+                self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port,
+                before_scrape=self.metrics.refresh,
+                hint="set MNEMOS_CP_METRICS_PORT to a free port, 0 for any, -1 for none",
+            )
         self._started = True
         self.layout = await ensure_layout(self.js, self.names, self._layout_options, owner=True)
         self.publisher = Publisher(self.nc)
@@ -151,6 +162,7 @@ class ControlPlane:
         self.reaper = Reaper(self.layout.workers, self.jobs, self._dispatch, self._announce_final,
                              self._drop_dispatch_message)
         await self.reaper.start()
+        self.metrics.watch(self.depth, self.reaper)
         self.service = await add_service(
             self.nc,
             name=SERVICE_NAME,
@@ -198,8 +210,13 @@ class ControlPlane:
             await self.deferred.stop()
         if self.catalog is not None:
             await self.catalog.stop()
+        if self.depth is not None:
+            await self.depth.close()
         if self.publisher is not None:
             await self.publisher.close()
+        metrics_server, self.metrics_server = self.metrics_server, None
+        if metrics_server is not None:
+            await metrics_server.close()
         log.info("control plane stopped")
 
     async def __aenter__(self) -> "ControlPlane":
@@ -257,7 +274,9 @@ class ControlPlane:
             await self._respond_error(req, error)
         finally:
             self._slots.release()
-            self._account(endpoint, time.perf_counter_ns() - started, error)
+            elapsed_ns = time.perf_counter_ns() - started
+            self._account(endpoint, elapsed_ns, error)
+            self.metrics.request(endpoint, error.code if error is not None else OK, elapsed_ns / 1e9)
 
     async def _respond_error(self, req: Request, err: MnemosError) -> None:
         if not _reply_subject(req):
@@ -287,14 +306,14 @@ class ControlPlane:
     # ------------------------------------------------------------------ submit / run
 
     async def _submit(self, req: Request) -> None:
-        record, _ = await self._accept(decode(req.data, JobSpec), reply_to=None)
+        record, _ = await self._accept(decode(req.data, JobSpec), reply_to=None, tenant=_tenant(req))
         await self._respond(req, record)
 
     async def _run(self, req: Request) -> None:
         reply_to = _reply_subject(req)
         if not reply_to:
             raise ValidationFailed("jobs.run needs a reply subject (use request, not publish)")
-        record, created = await self._accept(decode(req.data, JobSpec), reply_to=reply_to)
+        record, created = await self._accept(decode(req.data, JobSpec), reply_to=reply_to, tenant=_tenant(req))
         if created:
             return  # whoever finishes the job answers the reply subject stored in it
         if not record.terminal:  # the same idempotency key is running: answer when it ends
@@ -310,7 +329,7 @@ class ControlPlane:
                 record, _ = await jobs.get(job_id)
                 while not record.terminal:
                     msg = await sub.next_msg(timeout=None)
-                    final = decode(msg.data, ResultChunk | ResultFinal)  # type: ignore[arg-type]
+                    final = decode_result(msg.data)
                     if isinstance(final, ResultFinal) and final.status in TERMINAL_STATUSES:
                         record, _ = await jobs.get(job_id)
         except TimeoutError as e:
@@ -319,7 +338,7 @@ class ControlPlane:
             await sub.unsubscribe()
         return record
 
-    async def _accept(self, spec: JobSpec, reply_to: str | None) -> tuple[JobRecord, bool]:
+    async def _accept(self, spec: JobSpec, reply_to: str | None, tenant: str | None) -> tuple[JobRecord, bool]:
         """Validate and queue a job: (record, True); or (the existing job, False) for an
         idempotency key seen within the window.
 
@@ -328,15 +347,18 @@ class ControlPlane:
         creates the record if it does not exist yet. ``jobs.submit`` then writes the
         ``queued`` record before answering (so it can be read at once); ``jobs.run`` leaves
         that to the claim (or to the deferred writer, if no worker claims it in time).
+
+        Idempotency keys are scoped by tenant: two tenants using the same key get two jobs.
         """
         jobs, catalog, layout = self._ready()
-        record = await self._new_record(spec, catalog, reply_to)
+        record = await self._new_record(spec, catalog, reply_to, tenant)
         if self.depth is not None:
             self.depth.check(record.runtime)
         claimed_key = False
         if spec.idempotency_key is not None:
-            existing, existing_id = await self._claim_idempotency_key(spec.idempotency_key, record.job_id, layout,
-                                                                      jobs)
+            existing, existing_id = await self._claim_idempotency_key(
+                _idempotency_hash(spec.idempotency_key, tenant), record.job_id, layout, jobs
+            )
             if existing is not None:
                 return existing, False
             if existing_id is not None:
@@ -351,7 +373,7 @@ class ControlPlane:
             seq = await self._dispatch(record, 0, data)
         except MnemosError:
             if claimed_key:  # not accepted: a retry must make a new job
-                await self._release_idempotency_key(spec.idempotency_key or "", layout)
+                await self._release_idempotency_key(_idempotency_hash(spec.idempotency_key or "", tenant), layout)
             raise
         record.queued_seq = seq
         if reply_to is not None and spec.idempotency_key is None and self.deferred is not None:
@@ -366,7 +388,9 @@ class ControlPlane:
         log.debug("job %s queued (%s p%d)", record.job_id, record.runtime, spec.priority)
         return record, True
 
-    async def _new_record(self, spec: JobSpec, catalog: ModelCatalog, reply_to: str | None) -> JobRecord:
+    async def _new_record(
+        self, spec: JobSpec, catalog: ModelCatalog, reply_to: str | None, tenant: str | None
+    ) -> JobRecord:
         ref = spec.model
         if ref.runtime is not None and ref.runtime not in RUNTIMES:
             raise UnknownRuntime(f"unknown runtime {ref.runtime!r}; known: {', '.join(RUNTIMES)}")
@@ -381,8 +405,8 @@ class ControlPlane:
             )
         defaults = model.runtime_config if runtime == model.runtime else {}
         parse_runtime_config(runtime, defaults, ref.runtime_config)
-        if runtime in _TEXT_RUNTIMES and spec.input.prompt is None:
-            raise ValidationFailed(f"input.prompt is required for runtime {runtime!r}")
+        if runtime in _TEXT_RUNTIMES and (spec.input.prompt is None) == (spec.input.messages is None):
+            raise ValidationFailed(f"runtime {runtime!r} needs exactly one of input.prompt and input.messages")
         now = utcnow()
         return JobRecord(
             job_id=new_job_id(),
@@ -392,15 +416,15 @@ class ControlPlane:
             created_at=now,
             updated_at=now,
             reply_to=reply_to,
+            tenant=tenant,
         )
 
     async def _claim_idempotency_key(
-        self, key: str, job_id: str, layout: Layout, jobs: JobStore
+        self, hkey: str, job_id: str, layout: Layout, jobs: JobStore
     ) -> tuple[JobRecord | None, str | None]:
-        """Map ``key`` to ``job_id``: (None, None). If the key already maps to a job: that
-        job's record, or (None, its id) when the record cannot be read (yet)."""
+        """Map the hashed key ``hkey`` to ``job_id``: (None, None). If it already maps to a
+        job: that job's record, or (None, its id) when the record cannot be read (yet)."""
         kv = layout.idempotency
-        hkey = _idempotency_hash(key)
         while True:
             try:
                 await kv.create(hkey, job_id.encode())
@@ -420,9 +444,9 @@ class ControlPlane:
                     await asyncio.sleep(0.02)
             return None, existing_id
 
-    async def _release_idempotency_key(self, key: str, layout: Layout) -> None:
+    async def _release_idempotency_key(self, hkey: str, layout: Layout) -> None:
         try:
-            await layout.idempotency.delete(_idempotency_hash(key))
+            await layout.idempotency.delete(hkey)
         except Exception as e:  # best effort: a later submit takes a stale key over anyway
             log.warning("could not release an idempotency key: %r", e)
 
@@ -457,6 +481,8 @@ class ControlPlane:
             output=record.output,
             error=record.error,
         )
+        if record.terminal:
+            self.metrics.job_finished(record.status, record.runtime)
         await self._publisher.publish(self.names.results_subject(record.job_id), encode(final))
         if record.reply_to:
             await self.nc.publish(record.reply_to, encode(record))
@@ -467,7 +493,7 @@ class ControlPlane:
         jobs, _, _ = self._ready()
         body = decode(req.data, GetJob)
         record, _ = await jobs.get(body.job_id)
-        await self._respond(req, record)
+        await self._respond(req, _visible(record, _tenant(req)))
 
     async def _list(self, req: Request) -> None:
         jobs, catalog, _ = self._ready()
@@ -479,9 +505,12 @@ class ControlPlane:
                 raise ModelNotFound(f"model {q.model!r} is not registered")
             model = (rec.family, rec.version)
         statuses = set(q.status) if q.status else None
+        tenant = _tenant(req)
         matched: list[JobRecord] = []
         async for record in jobs.scan():
             if q.cursor is not None and record.job_id >= q.cursor:
+                continue
+            if tenant is not None and record.tenant != tenant:
                 continue
             if statuses is not None and record.status not in statuses:
                 continue
@@ -525,8 +554,13 @@ class ControlPlane:
         jobs, _, _ = self._ready()
         body = decode(req.data, CancelJob)
         reason = body.reason or "cancelled by request"
+        tenant = _tenant(req)
+        changed = False
 
         def change(rec: JobRecord) -> JobRecord | None:
+            nonlocal changed
+            _visible(rec, tenant)
+            changed = rec.status in ("queued", "retrying")
             if rec.status in ("queued", "retrying"):
                 rec.status = "cancelled"
                 rec.error = ErrorInfo(code="cancelled", message=reason)
@@ -540,7 +574,9 @@ class ControlPlane:
             raise NotCancellable(f"job {rec.job_id} is already {rec.status}")
 
         record, _ = await jobs.mutate(body.job_id, change)
-        if record.status == "cancelled":
+        if record.status == "cancelled" and not changed:
+            pass  # cancelled before: announced then
+        elif record.status == "cancelled":
             if record.attempt == 0 and record.queued_seq is not None:
                 await self._drop_dispatch_message(record.queued_seq)  # never to be pulled
             await self._announce_final(record)
@@ -552,18 +588,21 @@ class ControlPlane:
     async def _retry(self, req: Request) -> None:
         jobs, _, _ = self._ready()
         body = decode(req.data, RetryJob)
+        tenant = _tenant(req)
 
         def change(rec: JobRecord) -> JobRecord | None:
+            _visible(rec, tenant)
             if rec.status not in _RETRYABLE_BY_REQUEST:
                 raise InvalidState(f"job {rec.job_id} is {rec.status}; only failed/timeout/cancelled jobs retry")
             rec.status = "queued"
             rec.error = None
             rec.output = None
             rec.reply_to = None
+            rec.queued_seq = None  # the first dispatch's; a cancel after a retry needs none
             rec.dispatch += 1
             return rec
 
-        before, _ = await jobs.get(body.job_id)
+        before = _visible((await jobs.get(body.job_id))[0], tenant)
         record, revision = await jobs.mutate(body.job_id, change)
         try:
             await self._dispatch(record, revision)
@@ -578,8 +617,26 @@ class ControlPlane:
         await self._respond(req, record)
 
 
-def _idempotency_hash(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
+def _idempotency_hash(key: str, tenant: str | None) -> str:
+    scoped = key if tenant is None else f"{tenant}\x00{key}"
+    return hashlib.sha256(scoped.encode()).hexdigest()
+
+
+def _tenant(req: Request) -> str | None:
+    """The tenant a request acts for (``Mnemos-Tenant`` header); None: every tenant."""
+    tenant = (req.headers or {}).get(HDR_TENANT)
+    if tenant is None:
+        return None
+    if not 0 < len(tenant) <= 128 or not tenant.isprintable():
+        raise ValidationFailed(f"header {HDR_TENANT} must be 1-128 printable characters")
+    return tenant
+
+
+def _visible(record: JobRecord, tenant: str | None) -> JobRecord:
+    """``record`` if ``tenant`` may see it; another tenant's job does not exist for it."""
+    if tenant is not None and record.tenant != tenant:
+        raise JobNotFound(f"no job {record.job_id}")
+    return record
 
 
 def _reply_subject(req: Request) -> str:

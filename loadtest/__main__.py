@@ -1,4 +1,4 @@
-"""``python -m loadtest bench noop|stream`` (see loadtest/bench.py and docs/benchmarks.md)."""
+"""``python -m loadtest bench noop|stream|http`` (see loadtest/bench.py and docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def _target(args: argparse.Namespace, slots: int) -> Iterator[NatsSettings]:
         return
     print(f"starting a local stack (file-backed JetStream, 1 control plane, {args.workers} worker(s), "
           f"{slots} slots each) ...", flush=True)
-    with local_stack(workers=args.workers, slots=slots) as settings:
-        yield settings
+    with local_stack(workers=args.workers, slots=slots) as stack:
+        yield stack.settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,6 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     bench = sub.add_parser("bench", help="benchmarks that print numbers")
     kinds = bench.add_subparsers(dest="kind", required=True)
+    http = kinds.add_parser("http", help="the HTTP gateway: jobs/s, latency, OpenAI completions")
+    http.add_argument("--gateway-url", default=None, help="a running gateway instead of a fresh local stack")
+    http.add_argument("--api-key", default=None)
+    http.add_argument("--jobs", type=int, default=3000)
+    http.add_argument("--window", type=int, default=64, help="concurrent HTTP requests")
+    http.add_argument("--roundtrips", type=int, default=300)
+    http.add_argument("--json", action="store_true")
     for kind in ("noop", "stream"):
         k = kinds.add_parser(kind)
         k.add_argument("--url", default=None, help="use a running deployment instead of a fresh local stack")
@@ -67,7 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({k: v for k, v in vars(res).items() if k != "latencies_ms"}))
         return 0 if res.lost == 0 and res.duplicated == 0 else 1
-    if args.kind == "noop":
+    if args.kind == "http":
+        from loadtest.http_bench import HttpOptions, bench_http
+
+        options = HttpOptions(jobs=args.jobs, window=args.window, roundtrips=args.roundtrips)
+        if args.gateway_url:
+            result = asyncio.run(bench_http(args.gateway_url, options, args.api_key))
+        else:
+            print("starting a local stack with the HTTP gateway ...", flush=True)
+            with local_stack(workers=1, slots=256, gateway=True) as stack:
+                assert stack.gateway_url is not None
+                result = asyncio.run(bench_http(stack.gateway_url, options))
+    elif args.kind == "noop":
         with _target(args, args.slots) as settings:
             result = asyncio.run(bench_noop(settings, NoopOptions(args.jobs, args.window, args.roundtrips)))
     else:

@@ -38,13 +38,16 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
 
 
 @contextmanager
-def local_stack(workers: int = 1, slots: int = 256, data_dir: Path | None = None) -> Iterator[NatsSettings]:
-    """A fresh file-backed stack (embedded NATS, control plane, workers) for one run."""
+def local_stack(workers: int = 1, slots: int = 256, data_dir: Path | None = None,
+                gateway: bool = False) -> Iterator[LocalStack]:
+    """A fresh file-backed stack (embedded NATS, control plane, workers, optionally the
+    HTTP gateway) for one run."""
     with tempfile.TemporaryDirectory(prefix="mnemos-bench-") as tmp:
         opts = UpOptions(data_dir=data_dir or Path(tmp), port=free_port(), workers=workers, worker_slots=slots,
+                         gateway_port=free_port() if gateway else 0,
                          extra_env={"MNEMOS_LOG_LEVEL": "WARNING"})
         with LocalStack(opts) as stack:
-            yield stack.settings
+            yield stack
 
 
 @dataclass

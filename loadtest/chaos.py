@@ -40,7 +40,7 @@ from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
 from mnemos.embedded import EmbeddedNats, die_with_parent, free_port
 from mnemos.errors import MnemosError
-from mnemos.messages import TERMINAL_STATUSES, ResultChunk, ResultFinal, decode
+from mnemos.messages import TERMINAL_STATUSES, ResultFinal, decode_result
 
 __all__ = ["ChaosOptions", "ChaosResult", "run_chaos"]
 
@@ -243,7 +243,7 @@ async def _drive(stack: _Stack, o: ChaosOptions, rng: random.Random, result: Cha
     submitted_at: dict[str, float] = {}
 
     async def on_result(msg: Any) -> None:
-        item = decode(msg.data, ResultChunk | ResultFinal)  # type: ignore[arg-type]
+        item = decode_result(msg.data)
         if isinstance(item, ResultFinal) and item.status in TERMINAL_STATUSES:
             finals.setdefault(item.job_id, []).append(item.status)
             done_at.setdefault(item.job_id, time.monotonic())

@@ -2,18 +2,35 @@
 
 from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
-from mnemos.errors import MnemosError
-from mnemos.messages import JobRecord, JobSpec, ResultChunk, ResultFinal
+from mnemos.errors import (
+    JobNotFound,
+    JobTimeout,
+    MnemosError,
+    NotConnected,
+    QueueFull,
+    Unavailable,
+    ValidationFailed,
+)
+from mnemos.messages import JobRecord, JobSpec, ResultChunk, ResultFinal, ResultStatus
 from mnemos.names import Names
+from mnemos.sync import SyncClient
 
 __all__ = [
     "Client",
+    "SyncClient",
     "job_spec",
     "NatsSettings",
     "MnemosError",
+    "JobNotFound",
+    "JobTimeout",
+    "NotConnected",
+    "QueueFull",
+    "Unavailable",
+    "ValidationFailed",
     "JobRecord",
     "JobSpec",
     "ResultChunk",
     "ResultFinal",
+    "ResultStatus",
     "Names",
 ]

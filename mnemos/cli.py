@@ -1,9 +1,10 @@
 """The ``mnemos`` command line: run the platform's processes and manage jobs.
 
 Settings come from ``MNEMOS_*`` environment variables (read once, here) and the global
-options. Exit codes scripts can rely on: 0 ok; 1 the job ended failed/timeout/cancelled;
-2 usage error; 3 not found; 4 invalid request; 5 NATS or control plane unavailable;
-6 conflict / wrong state; 7 queue full; 10 anything else.
+options. Exit codes scripts can rely on (docs/cli.md has the same table): 0 ok; 1 the job
+ended failed/timeout/cancelled; 2 usage error; 3 not found; 4 invalid request or
+configuration; 5 NATS or control plane unavailable; 6 conflict / wrong state; 7 queue full;
+10 anything else.
 """
 
 from __future__ import annotations
@@ -16,15 +17,19 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 from rich.console import Console
+from rich.status import Status
 from rich.table import Table
 
 from mnemos.config import NatsSettings
-from mnemos.errors import MnemosError
-from mnemos.messages import JobRecord, ResultChunk, ResultFinal, encode
+from mnemos.errors import JobTimeout, MnemosError
+from mnemos.messages import JobRecord, ResultChunk, ResultFinal, ResultMessage, ResultStatus, encode
+
+if TYPE_CHECKING:
+    from mnemos.client import Client
 
 __all__ = ["main", "cli"]
 
@@ -32,11 +37,37 @@ T = TypeVar("T")
 console = Console()
 err_console = Console(stderr=True)
 
-_EXIT_BY_STATUS = {400: 4, 404: 3, 409: 6, 413: 4, 429: 7, 503: 5}
+EXIT_OK = 0
+EXIT_JOB_FAILED = 1  # the job ended failed, timeout or cancelled
+EXIT_USAGE = 2  # click's own code for a bad option or argument
+EXIT_NOT_FOUND = 3
+EXIT_INVALID = 4  # the request (or the configuration) is invalid
+EXIT_UNAVAILABLE = 5
+EXIT_CONFLICT = 6
+EXIT_QUEUE_FULL = 7
+EXIT_OTHER = 10
+
+#: Exit code by error code. Keyed by the stable ``code``, not by ``status``: statuses follow
+#: HTTP conventions and may be refined; what a script switches on must not move.
+EXIT_BY_CODE: dict[str, int] = {
+    "job_not_found": EXIT_NOT_FOUND,
+    "model_not_found": EXIT_NOT_FOUND,
+    "invalid_json": EXIT_INVALID,
+    "validation_error": EXIT_INVALID,
+    "payload_too_large": EXIT_INVALID,
+    "unknown_model": EXIT_INVALID,
+    "unknown_runtime": EXIT_INVALID,
+    "unavailable": EXIT_UNAVAILABLE,
+    "not_connected": EXIT_UNAVAILABLE,
+    "conflict": EXIT_CONFLICT,
+    "invalid_state": EXIT_CONFLICT,
+    "not_cancellable": EXIT_CONFLICT,
+    "queue_full": EXIT_QUEUE_FULL,
+}
 
 
 def _exit_code(e: MnemosError) -> int:
-    return _EXIT_BY_STATUS.get(e.status, 10)
+    return EXIT_BY_CODE.get(e.code, EXIT_OTHER)
 
 
 class _Ctx:
@@ -70,7 +101,7 @@ def _settings(cls: type[T], **overrides: Any) -> T:
         return cls(**overrides)
     except pydantic.ValidationError as e:
         err_console.print(f"[red]error[/red] [bold]invalid configuration[/bold] ({cls.__name__}):\n{e}")
-        sys.exit(4)
+        sys.exit(EXIT_INVALID)
 
 
 def _setup_logging() -> None:
@@ -102,14 +133,15 @@ def cli(ctx: click.Context, nats_url: str | None, namespace: str | None, output:
 @click.option("--port", type=int, default=4222, show_default=True, help="Embedded NATS port.")
 @click.option("--workers", type=int, default=1, show_default=True)
 @click.option("--slots", type=int, default=4, show_default=True, help="Concurrent jobs per worker.")
+@click.option("--gateway-port", type=int, default=8080, show_default=True, help="HTTP gateway port (0: none).")
 @click.pass_obj
-def up(obj: _Ctx, data_dir: Path, port: int, workers: int, slots: int) -> None:
+def up(obj: _Ctx, data_dir: Path, port: int, workers: int, slots: int, gateway_port: int) -> None:
     """Run everything locally: embedded NATS, control plane, a worker, the demo model."""
     from mnemos.up import UpOptions, run_up
 
     _setup_logging()
     sys.exit(run_up(UpOptions(data_dir=data_dir, port=port, workers=workers, worker_slots=slots,
-                              namespace=obj.settings.namespace)))
+                              namespace=obj.settings.namespace, gateway_port=gateway_port)))
 
 
 @cli.command("control-plane")
@@ -145,6 +177,30 @@ def worker_cmd(obj: _Ctx, runtimes: str | None, slots: int | None) -> None:
     _run(_serve_until_signal(lambda stop: serve(obj.settings, settings, registry_settings, stop)))
 
 
+@cli.command("gateway")
+@click.option("--host", default=None, help="Address to bind (MNEMOS_GATEWAY_HOST, default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (MNEMOS_GATEWAY_PORT, default 8080).")
+@click.pass_obj
+def gateway_cmd(obj: _Ctx, host: str | None, port: int | None) -> None:
+    """Run the HTTP gateway (job API, OpenAI-compatible API, /metrics). Without API keys it
+    serves loopback only and refuses other addresses (exit code 4)."""
+    from control_plane.gateway.config import GatewaySettings
+    from control_plane.gateway.main import serve
+
+    _setup_logging()
+    overrides: dict[str, Any] = {}
+    if host is not None:
+        overrides["host"] = host
+    if port is not None:
+        overrides["port"] = port
+    settings = _settings(GatewaySettings, **overrides)
+    try:
+        _run(_serve_until_signal(lambda stop: serve(obj.settings, settings, stop)))
+    except ValueError as e:  # refused configuration (e.g. a public address without API keys)
+        err_console.print(f"[red]error[/red] [bold]invalid configuration[/bold]: {e}")
+        sys.exit(4)
+
+
 # ---------------------------------------------------------------------------- jobs
 
 
@@ -167,8 +223,8 @@ def _print_record(obj: _Ctx, record: JobRecord) -> None:
     if record.worker_id:
         t.add_row("worker", record.worker_id)
     tm = record.timings
-    t.add_row("timings", f"queue {tm.queue_ms} ms, load {tm.load_ms} ms, first token {tm.first_token_ms} ms, "
-              f"run {tm.run_ms} ms, cache hit {tm.cache_hit}")
+    t.add_row("timings", f"queue {_ms(tm.queue_ms)}, load {_ms(tm.load_ms)}, first token {_ms(tm.first_token_ms)}, "
+              f"run {_ms(tm.run_ms)}, cache hit {'-' if tm.cache_hit is None else tm.cache_hit}")
     if record.output is not None:
         t.add_row("result", json.dumps(record.output.result) if not isinstance(record.output.result, str)
                   else record.output.result)
@@ -179,9 +235,98 @@ def _print_record(obj: _Ctx, record: JobRecord) -> None:
     console.print(t)
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:g} ms"
+
+
 def _job_exit(record: JobRecord) -> None:
     if record.terminal and record.status != "completed":
-        sys.exit(1)
+        sys.exit(EXIT_JOB_FAILED)
+
+
+class _Spinner:
+    """A spinner on stderr with a job's status, for people only: shown when stderr is a
+    terminal and the output is a table, never in scripts or pipes. It must stop before
+    anything is written to stdout (a live display captures stdout while it runs)."""
+
+    def __init__(self, obj: _Ctx, job_id: str) -> None:
+        self.job_id = job_id
+        self._status: Status | None = None
+        if obj.output == "table" and err_console.is_terminal:
+            self._status = err_console.status(self._text("queued"))
+            self._status.start()
+
+    def _text(self, what: str) -> str:
+        return f"[bold]{self.job_id}[/bold] {what}"
+
+    def show(self, item: ResultMessage, chunks: int) -> None:
+        if self._status is None:
+            return
+        if isinstance(item, ResultStatus):
+            what = f"{item.status} on {item.worker_id}" if item.worker_id else item.status
+        elif isinstance(item, ResultChunk):
+            what = f"streaming: {chunks} chunk{'s' if chunks != 1 else ''}"
+        elif item.status == "retrying":
+            what = f"attempt {item.attempt} failed; retrying"
+        else:
+            what = item.status
+        self._status.update(self._text(what))
+
+    def stop(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
+
+
+async def _follow(obj: _Ctx, client: Client, job_id: str, *, echo: bool) -> None:
+    """Follow a job's result stream (from its start) until the job ends. With ``echo`` the
+    output goes to stdout: as a table, text as it is generated and data one JSON value per
+    line; as JSON, every result message on its own line. A spinner shows the status until
+    the first output."""
+    spinner = _Spinner(obj, job_id)
+    chunks = 0
+    line_open = False  # text was written without a newline after it
+    try:
+        async for item in client.stream(job_id):
+            chunks += isinstance(item, ResultChunk)
+            if echo and obj.output == "json":
+                click.echo(encode(item).decode())
+            elif echo and isinstance(item, ResultChunk):
+                spinner.stop()
+                if item.data is not None:
+                    sys.stdout.write(("\n" if line_open else "") + json.dumps(item.data) + "\n")
+                    line_open = False
+                elif item.text:
+                    sys.stdout.write(item.text)
+                    line_open = not item.text.endswith("\n")
+                sys.stdout.flush()
+            elif echo and isinstance(item, ResultFinal) and item.status == "retrying":
+                spinner.stop()
+                if line_open:
+                    sys.stdout.write("\n")
+                    line_open = False
+                reason = f" ({item.error.code}: {item.error.message})" if item.error else ""
+                err_console.print(f"[yellow]attempt {item.attempt} failed{reason}; retrying[/yellow]")
+            else:
+                spinner.show(item, chunks)
+    finally:
+        spinner.stop()
+        if line_open:
+            sys.stdout.write("\n")
+
+
+async def _wait(obj: _Ctx, client: Client, job_id: str, timeout: float) -> JobRecord:
+    """``client.wait``, with the job's status on a spinner while a person watches."""
+    if obj.output != "table" or not err_console.is_terminal:
+        return await client.wait(job_id, timeout=timeout)
+    try:
+        async with asyncio.timeout(timeout) as deadline:
+            await _follow(obj, client, job_id, echo=False)
+    except TimeoutError as e:
+        if deadline.expired():
+            raise JobTimeout(f"job {job_id} did not finish within {timeout:g}s") from e
+        raise
+    return await client.wait(job_id, timeout=timeout)
 
 
 @cli.command()
@@ -228,27 +373,20 @@ def submit(obj: _Ctx, model: str, prompt: str | None, args: tuple[str, ...], kwa
         async with await Client.connect(obj.settings) as client:
             record = await client.submit(spec)
             if stream:
-                async for item in client.stream(record.job_id):
-                    if isinstance(item, ResultChunk):
-                        if item.text:
-                            sys.stdout.write(item.text)
-                        elif item.data is not None:
-                            sys.stdout.write(json.dumps(item.data) + "\n")
-                        sys.stdout.flush()
-                    elif isinstance(item, ResultFinal) and item.status == "retrying":
-                        err_console.print(f"\n[yellow]attempt {item.attempt} failed; retrying[/yellow]")
-                sys.stdout.write("\n")
+                await _follow(obj, client, record.job_id, echo=True)
                 return await client.get(record.job_id)
             if wait:
-                return await client.wait(record.job_id, timeout=timeout_seconds + 60)
+                return await _wait(obj, client, record.job_id, timeout_seconds + 60)
             return record
 
     record = _run(go())
-    if stream and obj.output != "json":
+    if stream and obj.output == "json":
+        pass  # the result messages were the output; the last one is the final message
+    elif stream:
         meta = record.output.metadata if record.output else {}
         err_console.print(
             f"[dim]{record.job_id} {record.status}; tokens {meta.get('completion_tokens', '-')}, "
-            f"first token {record.timings.first_token_ms} ms, run {record.timings.run_ms} ms[/dim]"
+            f"first token {_ms(record.timings.first_token_ms)}, run {_ms(record.timings.run_ms)}[/dim]"
         )
         if record.error:
             err_console.print(f"[red]{record.error.code}[/red]: {record.error.message}")
@@ -269,6 +407,7 @@ def jobs() -> None:
 @click.option("--cursor", default=None, help="next_cursor of the previous page")
 @click.pass_obj
 def jobs_ls(obj: _Ctx, status: tuple[str, ...], model: str | None, limit: int, cursor: str | None) -> None:
+    """List jobs, newest first (one page; the next with --cursor)."""
     from mnemos.client import Client
 
     async def go() -> Any:
@@ -317,17 +456,11 @@ def jobs_watch(obj: _Ctx, job_id: str) -> None:
 
     async def go() -> JobRecord:
         async with await Client.connect(obj.settings) as client:
-            async for item in client.stream(job_id):
-                if obj.output == "json":
-                    click.echo(encode(item).decode())
-                elif isinstance(item, ResultChunk):
-                    sys.stdout.write(item.text if item.data is None else json.dumps(item.data) + "\n")
-                    sys.stdout.flush()
+            await _follow(obj, client, job_id, echo=True)
             return await client.get(job_id)
 
     record = _run(go())
     if obj.output != "json":
-        sys.stdout.write("\n")
         _print_record(obj, record)
     _job_exit(record)
 
@@ -344,6 +477,7 @@ def workers() -> None:
 @click.option("--runtime", default=None)
 @click.pass_obj
 def workers_ls(obj: _Ctx, runtime: str | None) -> None:
+    """List the registered workers: status, slots, loaded models."""
     from mnemos.client import Client
 
     async def go() -> Any:
@@ -372,6 +506,7 @@ def models() -> None:
 @click.option("--runtime", default=None)
 @click.pass_obj
 def models_ls(obj: _Ctx, runtime: str | None) -> None:
+    """List the registered models."""
     from mnemos.client import Client
 
     async def go() -> Any:
@@ -449,7 +584,11 @@ def _human(n: int) -> str:
 
 
 def main() -> None:
-    cli(prog_name="mnemos")
+    try:
+        cli(prog_name="mnemos")
+    except Exception:  # a bug or an unforeseen failure: say so, and keep 1 for "the job failed"
+        err_console.print_exception(max_frames=10)
+        sys.exit(EXIT_OTHER)
 
 
 if __name__ == "__main__":

@@ -37,16 +37,16 @@ from mnemos.messages import (
     ListWorkers,
     ModelList,
     ModelRecord,
-    ResultChunk,
     ResultFinal,
     ResultMessage,
+    decode_result,
     RetryJob,
     WorkerList,
     WorkerRecord,
     decode,
     encode,
 )
-from mnemos.names import HDR_SERVICE_ERROR_CODE, Names
+from mnemos.names import HDR_SERVICE_ERROR_CODE, HDR_TENANT, Names
 
 __all__ = ["Client", "job_spec"]
 
@@ -94,19 +94,36 @@ def job_spec(
 class Client:
     """Async client of one MNEMOS namespace."""
 
-    def __init__(self, nc: NATS | None, names: Names | None = None, *, request_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        nc: NATS | None,
+        names: Names | None = None,
+        *,
+        request_timeout: float = 10.0,
+        tenant: str | None = None,
+    ) -> None:
         self._nc = nc
         self._owned = False
         self.names = names or Names()
         self.request_timeout = request_timeout
+        #: Act for this tenant: its jobs are recorded with it, and only its jobs are visible.
+        self.tenant = tenant
+        self._headers = {HDR_TENANT: tenant} if tenant else None
 
     @classmethod
-    async def connect(cls, settings: NatsSettings | None = None, *, request_timeout: float = 10.0) -> "Client":
+    async def connect(
+        cls, settings: NatsSettings | None = None, *, request_timeout: float = 10.0, tenant: str | None = None
+    ) -> "Client":
         """Connect to NATS as described by ``settings`` (default: ``MNEMOS_*`` environment)."""
         settings = settings or NatsSettings()
-        client = cls(await connect(settings, "mnemos-client"), settings.names, request_timeout=request_timeout)
+        client = cls(await connect(settings, "mnemos-client"), settings.names, request_timeout=request_timeout,
+                     tenant=tenant)
         client._owned = True
         return client
+
+    def for_tenant(self, tenant: str | None) -> "Client":
+        """A client on the same connection acting for ``tenant`` (closing it closes nothing)."""
+        return Client(self._nc, self.names, request_timeout=self.request_timeout, tenant=tenant)
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
@@ -131,7 +148,8 @@ class Client:
         payload = body if isinstance(body, bytes) else encode(body)
         try:
             msg = await self.nc.request(
-                self.names.api_subject(endpoint), payload, timeout=timeout or self.request_timeout
+                self.names.api_subject(endpoint), payload, timeout=timeout or self.request_timeout,
+                headers=self._headers,
             )
         except nats.errors.NoRespondersError as e:
             raise Unavailable(f"no control plane answers on {self.names.api_subject(endpoint)}") from e
@@ -178,61 +196,173 @@ class Client:
         return decode(await self._call("jobs.retry", RetryJob(job_id=job_id)), JobRecord)
 
     async def stream(self, job_id: str, *, start_seq: int | None = None) -> AsyncIterator[ResultMessage]:
-        """Chunks and final messages of a job as they are stored, from the start (or a
-        stream sequence), until a final message with a terminal status.
+        """Status changes, chunks and final messages of a job as they are stored, from the
+        start (or stream sequence ``start_seq``), until a final message with a terminal status.
 
-        An ordered consumer: after a reconnect it resumes where it stopped, in order.
+        Resumable: it remembers the stream sequence of the last message it yielded, and when
+        the connection was re-established it opens a new consumer right after it. (A restarted
+        server forgets the ephemeral consumer; nats-py's ordered consumer notices that only
+        after two missed 5 s heartbeats, by which time the record check below would have
+        ended the stream without the chunks in between.) Every message is yielded once, in
+        stream order.
         """
+        import nats.js.errors
+
+        from mnemos.connection import unavailable_from
+
+        poll_s = 0.25  # how soon a reconnect is noticed while the stream is quiet
         js = self.nc.jetstream()
-        config: dict[str, Any] = {}
-        if start_seq is not None:
-            config = {"deliver_policy": jsapi.DeliverPolicy.BY_START_SEQUENCE, "opt_start_seq": start_seq}
-        sub = await js.subscribe(
-            self.names.results_subject(job_id),
-            ordered_consumer=True,
-            config=jsapi.ConsumerConfig(**config) if config else None,
-        )
+        subject = self.names.results_subject(job_id)
+        next_seq = start_seq  # the first stream sequence not yielded yet (None: the start)
+        loop = asyncio.get_running_loop()
+
+        def live() -> NATS:
+            nc = self._nc
+            if nc is None or nc.is_closed:
+                raise NotConnected("the MNEMOS client is not connected to NATS")
+            return nc
+
+        async def subscribe() -> Any:
+            config = None
+            if next_seq is not None:
+                config = jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.BY_START_SEQUENCE,
+                                              opt_start_seq=next_seq)
+            return await js.subscribe(subject, stream=self.names.results_stream, ordered_consumer=True,
+                                      config=config)
+
+        async def resubscribe(old: Any) -> Any:
+            """A new consumer after the last message yielded; JetStream may still be
+            recovering after a restart, so unavailability is retried for a while."""
+            await unsubscribe(old)
+            deadline = loop.time() + max(self.request_timeout, 30.0)
+            while True:
+                try:
+                    return await subscribe()
+                except Exception as e:
+                    unavailable = unavailable_from(e)
+                    if unavailable is None:
+                        raise
+                    if loop.time() > deadline:
+                        raise unavailable from e
+                live()
+                await asyncio.sleep(poll_s)
+
+        async def unsubscribe(sub: Any) -> None:
+            try:
+                await sub.unsubscribe()
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                pass  # the connection is going away and takes the subscription with it
+
+        async def more_stored() -> bool:
+            """Whether the stream holds a message of this job not yielded yet."""
+            try:
+                last = await js.get_last_msg(self.names.results_stream, subject, direct=True)
+            except nats.js.errors.NotFoundError:
+                return False
+            return next_seq is None or (last.seq or 0) >= next_seq
+
+        try:
+            sub = await subscribe()
+        except Exception as e:
+            unavailable = unavailable_from(e)
+            if unavailable is None:
+                raise
+            raise unavailable from e
+        reconnects = self.nc.stats["reconnects"]
+        reconnected_at = -1e9
+        quiet_s = 0.0
         try:
             while True:
                 try:
-                    msg = await sub.next_msg(timeout=_STREAM_IDLE_CHECK_S)
+                    msg = await sub.next_msg(timeout=poll_s)
                 except nats.errors.TimeoutError:
+                    nc = live()
+                    if not nc.is_connected:
+                        continue  # reconnecting: wait for it
+                    if nc.stats["reconnects"] != reconnects:
+                        reconnects = nc.stats["reconnects"]
+                        reconnected_at, quiet_s = loop.time(), 0.0
+                        sub = await resubscribe(sub)
+                        continue
+                    quiet_s += poll_s
+                    if quiet_s < _STREAM_IDLE_CHECK_S:
+                        continue
+                    quiet_s = 0.0
                     # Quiet for a while: the record is the authority (a result stream can
                     # expire, and a worker can die between recording and announcing).
-                    record = await self.get(job_id)
-                    if record.terminal:
-                        yield ResultFinal(job_id=job_id, attempt=record.attempt, status=record.status,
-                                          output=record.output, error=record.error)
-                        return
-                    continue
-                item: ResultChunk | ResultFinal = decode(msg.data, ResultMessage)  # type: ignore[arg-type]
+                    try:
+                        record = await self.get(job_id)
+                    except NotConnected:
+                        raise
+                    except Unavailable:
+                        if loop.time() - reconnected_at < 2 * _STREAM_IDLE_CHECK_S:
+                            continue  # the control plane may still be reconnecting too
+                        raise
+                    if not record.terminal:
+                        continue
+                    if await more_stored():  # the consumer fell behind: catch up first
+                        sub = await resubscribe(sub)
+                        continue
+                    yield ResultFinal(job_id=job_id, attempt=record.attempt, status=record.status,
+                                      output=record.output, error=record.error)
+                    return
+                seq = msg.metadata.sequence.stream
+                if next_seq is not None and seq < next_seq:
+                    continue  # yielded before a resubscription
+                next_seq, quiet_s = seq + 1, 0.0
+                item = decode_result(msg.data)
                 if isinstance(item, ResultFinal) and item.status in TERMINAL_STATUSES:
-                    # The end of an earlier attempt (the job was retried since) is not the end.
-                    if item.attempt < (await self.get(job_id)).attempt:
+                    # The end of an earlier attempt is not the end: the job was retried since
+                    # (its record, written before this message, is no longer terminal, or is
+                    # at a later attempt).
+                    record = await self.get(job_id)
+                    if item.attempt < record.attempt or not record.terminal:
                         yield item
                         continue
                     yield item
                     return
                 yield item
         finally:
-            await sub.unsubscribe()
+            await unsubscribe(sub)
 
     async def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
-        """The job's record once it is terminal."""
-        record = await self.get(job_id)
-        if record.terminal:
+        """The job's record once it is terminal; :class:`JobTimeout` after ``timeout`` seconds.
+
+        Follows the result stream (so a reconnect in between is survived as in
+        :meth:`stream`), then reads the record, which is the authority.
+        """
+
+        async def record_now(after_stream: bool) -> JobRecord:
+            delay = 0.05
+            while True:
+                try:
+                    return await self.get(job_id)
+                except NotConnected:
+                    raise
+                except Unavailable:
+                    # After a reconnect the control plane may be a moment behind this client.
+                    if not after_stream or delay > 2.0:
+                        raise
+                    await asyncio.sleep(delay)
+                    delay *= 2
+
+        async def until_terminal() -> JobRecord:
+            record = await record_now(after_stream=False)
+            while not record.terminal:
+                # The stream ends with the final message of the job's latest attempt (the
+                # final message of an earlier one does not end it).
+                async for _ in self.stream(job_id):
+                    pass
+                record = await record_now(after_stream=True)
             return record
 
-        async def until_final() -> None:
-            async for item in self.stream(job_id):
-                if isinstance(item, ResultFinal) and item.status in TERMINAL_STATUSES:
-                    return
-
         try:
-            await asyncio.wait_for(until_final(), timeout)
+            async with asyncio.timeout(timeout) as deadline:
+                return await until_terminal()
         except TimeoutError as e:
-            raise JobTimeout(f"job {job_id} did not finish within {timeout}s") from e
-        return await self.get(job_id)
+            if deadline.expired():
+                raise JobTimeout(f"job {job_id} did not finish within {timeout}s") from e
+            raise
 
     # ------------------------------------------------------------------ workers, models
 

@@ -5,6 +5,11 @@ a message, and ``retryable``. On the wire an error is a micro error reply: heade
 ``Nats-Service-Error`` / ``Nats-Service-Error-Code`` (a numeric status) plus an
 :class:`~mnemos.messages.ErrorReply` JSON body. :func:`from_info` turns an envelope back
 into the matching exception class.
+
+``status`` is the one table from error to status, used as the micro error code and as the
+HTTP status by the gateway: 400 malformed JSON, 401 no/unknown API key, 404 not found
+(job, model), 409 wrong state, 413 too large, 422 validation, 429 backpressure (with
+``Retry-After``), 503 unavailable, 504 timed out, 500 a job's own failure or a bug.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ __all__ = [
     "PayloadTooLarge",
     "UnknownModel",
     "UnknownRuntime",
+    "Unauthorized",
     "JobNotFound",
     "ModelNotFound",
     "InvalidState",
@@ -70,7 +76,7 @@ class InvalidJSON(MnemosError, ValueError):
 
 class ValidationFailed(MnemosError, ValueError):
     code = "validation_error"
-    status = 400
+    status = 422
 
 
 class PayloadTooLarge(MnemosError, ValueError):
@@ -80,12 +86,19 @@ class PayloadTooLarge(MnemosError, ValueError):
 
 class UnknownModel(MnemosError, LookupError):
     code = "unknown_model"
-    status = 400
+    status = 404
 
 
 class UnknownRuntime(MnemosError, ValueError):
     code = "unknown_runtime"
-    status = 400
+    status = 422
+
+
+class Unauthorized(MnemosError, PermissionError):
+    """No API key, or one the gateway does not know."""
+
+    code = "unauthorized"
+    status = 401
 
 
 class JobNotFound(MnemosError, LookupError):
@@ -183,6 +196,7 @@ ERROR_CLASSES: dict[str, type[MnemosError]] = {
         PayloadTooLarge,
         UnknownModel,
         UnknownRuntime,
+        Unauthorized,
         JobNotFound,
         ModelNotFound,
         InvalidState,

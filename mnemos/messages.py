@@ -25,6 +25,7 @@ __all__ = [
     "RetryPolicy",
     "GenerationParams",
     "ModelRef",
+    "ChatMessage",
     "JobInput",
     "JobSpec",
     "JobOutput",
@@ -37,7 +38,9 @@ __all__ = [
     "encode_dispatch",
     "ResultChunk",
     "ResultFinal",
+    "ResultStatus",
     "ResultMessage",
+    "decode_result",
     "GPUInfo",
     "SystemResources",
     "WorkerRecord",
@@ -149,14 +152,22 @@ class ModelRef(_Strict):
     runtime_config: dict[str, Any] = field(default_factory=dict)
 
 
+class ChatMessage(_Strict):
+    """One turn of a chat; text runtimes render a list of them with the model's chat template."""
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
 class JobInput(_Strict):
     """What the job runs on.
 
-    Text runtimes read ``prompt`` and ``parameters``; ``python`` calls the function with
-    ``*args, **kwargs``; ``pytorch`` turns ``args`` into input tensors.
+    Text runtimes read ``prompt`` (or ``messages``, a chat) and ``parameters``; ``python``
+    calls the function with ``*args, **kwargs``; ``pytorch`` turns ``args`` into tensors.
     """
 
     prompt: Annotated[str, Meta(min_length=1)] | None = None
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)] | None = None
     parameters: GenerationParams = field(default_factory=GenerationParams)
     context: dict[str, Any] | None = None
     args: list[Any] = field(default_factory=list)
@@ -306,7 +317,23 @@ class ResultFinal(_Strict, tag="io.mnemos.v1.result_final", tag_field="type"):
     error: ErrorInfo | None = None
 
 
-ResultMessage = ResultChunk | ResultFinal
+class ResultStatus(_Strict, tag="io.mnemos.v1.result_status", tag_field="type"):
+    """A status change of an attempt on ``mnemos.results.<job_id>`` (``loading_model``,
+    ``running``), so one ordered replay of the stream tells the whole story of a job."""
+
+    job_id: str
+    attempt: PositiveInt
+    status: JobStatus
+    at: datetime
+    worker_id: str | None = None
+
+
+ResultMessage = ResultChunk | ResultFinal | ResultStatus
+
+
+def decode_result(data: bytes) -> ResultChunk | ResultFinal | ResultStatus:
+    """A message of a result stream (chunk, final or status)."""
+    return decode(data, ResultMessage)  # type: ignore[arg-type]
 
 
 # ----------------------------------------------------------------------------- workers

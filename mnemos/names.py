@@ -20,6 +20,7 @@ __all__ = [
     "HDR_SERVICE_ERROR",
     "HDR_SERVICE_ERROR_CODE",
     "HDR_MSG_TTL",
+    "HDR_TENANT",
     "model_token",
     "model_key",
     "model_name",
@@ -38,6 +39,9 @@ HDR_MSG_ID = "Nats-Msg-Id"
 HDR_MSG_TTL = "Nats-TTL"
 HDR_SERVICE_ERROR = "Nats-Service-Error"
 HDR_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
+#: The tenant a request acts for (set by the HTTP gateway from the API key, or by a
+#: service's client). A request with it sees and changes only that tenant's jobs.
+HDR_TENANT = "Mnemos-Tenant"
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 

@@ -2,9 +2,9 @@
 
 Starts an embedded nats-server (JetStream on disk under the data directory), registers
 the demo model and functions through the registry (once: a second ``up`` reuses the data
-directory), then runs the control plane and a worker as child processes, each in its own
-session so that Ctrl-C reaches only this supervisor, which stops them in order: workers
-(drain) -> control plane -> nats-server.
+directory), then runs the control plane, a worker and the HTTP gateway as child processes,
+each in its own session so that Ctrl-C reaches only this supervisor, which stops them in
+order: gateway -> workers (drain) -> control plane -> nats-server.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ class UpOptions:
     workers: int = 1
     worker_slots: int = 4
     namespace: str = "mnemos"
+    #: HTTP gateway port on 127.0.0.1; 0: no gateway.
+    gateway_port: int = 8080
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -130,6 +132,24 @@ async def _wait_ready(settings: NatsSettings, workers: int, timeout: float = 120
         await client.close()
 
 
+def _wait_http(url: str, timeout: float = 60.0) -> None:
+    """Wait until ``url`` answers 200."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url} did not become ready; see the gateway log")
+        time.sleep(0.2)
+
+
 class LocalStack:
     """Embedded NATS + control plane + workers as child processes (``mnemos up``, benchmarks)."""
 
@@ -151,8 +171,18 @@ class LocalStack:
         env.update(options.extra_env)
         mnemos = [sys.executable, "-m", "mnemos"]
         self.children = [_Child("control-plane", [*mnemos, "control-plane"], env, self.logs / "control-plane.log")]
+        worker_metrics = int(env.get("MNEMOS_WORKER_METRICS_PORT", "9092"))
         for i in range(options.workers):
-            self.children.append(_Child(f"worker-{i}", [*mnemos, "worker"], env, self.logs / f"worker-{i}.log"))
+            # One metrics port each (9092, 9093, ...); 0 (any free port) and -1 (off) as given.
+            port = worker_metrics + i if worker_metrics > 0 else worker_metrics
+            worker_env = {**env, "MNEMOS_WORKER_METRICS_PORT": str(port)}
+            self.children.append(_Child(f"worker-{i}", [*mnemos, "worker"], worker_env, self.logs / f"worker-{i}.log"))
+        self.gateway_url: str | None = None
+        if options.gateway_port:
+            self.gateway_url = f"http://127.0.0.1:{options.gateway_port}"
+            gateway_env = {**env, "MNEMOS_GATEWAY_HOST": "127.0.0.1", "MNEMOS_GATEWAY_PORT": str(options.gateway_port)}
+            # Last: stopped first, so no request arrives while the others stop.
+            self.children.append(_Child("gateway", [*mnemos, "gateway"], gateway_env, self.logs / "gateway.log"))
         self.models: list[str] = []
         self.workers: list[str] = []
 
@@ -164,6 +194,8 @@ class LocalStack:
         for child in self.children:
             child.start()
         self.workers = asyncio.run(_wait_ready(self.settings, self.options.workers))
+        if self.gateway_url is not None:
+            _wait_http(f"{self.gateway_url}/readyz")
 
     def supervise_once(self) -> None:
         """Restart children that exited (a recycled worker exits on purpose)."""
@@ -207,7 +239,7 @@ def run_up(options: UpOptions) -> int:
     code = 0
     try:
         stack.start()
-        print(_banner(stack.nats.url, stack.data_dir, stack.workers, stack.models), flush=True)
+        print(_banner(stack.nats.url, stack.data_dir, stack.workers, stack.models, stack.gateway_url), flush=True)
         while not stop["flag"]:
             stack.supervise_once()
             time.sleep(0.2)
@@ -221,11 +253,19 @@ def run_up(options: UpOptions) -> int:
     return code
 
 
-def _banner(url: str, data_dir: Path, workers: list[str], models: list[str]) -> str:
+def _banner(url: str, data_dir: Path, workers: list[str], models: list[str], gateway: str | None) -> str:
+    http = [] if gateway is None else [
+        f"  HTTP gateway: {gateway} (OpenAPI: {gateway}/docs, metrics: {gateway}/metrics)",
+    ]
+    curl = [] if gateway is None else [
+        f"  curl -s {gateway}/v1/completions -H 'content-type: application/json' \\",
+        '       -d \'{"model": "demo-gpt2:v1", "prompt": "hello", "max_tokens": 16}\'',
+    ]
     return "\n".join([
         "",
         f"MNEMOS is up. NATS {url} (JetStream data in {data_dir / 'nats'}), logs in {data_dir / 'logs'}",
         "  control plane: nats micro service 'mnemos-control-plane' on mnemos.api.*",
+        *http,
         *[f"  worker: {w}" for w in workers],
         f"  models: {', '.join(models)}",
         "",
@@ -233,6 +273,7 @@ def _banner(url: str, data_dir: Path, workers: list[str], models: list[str]) -> 
         '  .venv/bin/mnemos submit --model demo-gpt2:v1 --prompt "hello" --stream',
         "  .venv/bin/mnemos submit --model demo-fn:v1 --function add --arg 2 --arg 3 --wait",
         "  .venv/bin/mnemos jobs ls",
+        *curl,
         "",
         "Ctrl-C stops everything (a second `make up` reuses the data directory).",
         "",

@@ -57,6 +57,10 @@ class WorkerSettings(BaseSettings):
     #: left to the event loop and NATS (for small models fewer threads are also faster).
     torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1), ge=1)
     tags: Annotated[dict[str, str], NoDecode] = Field(default_factory=dict)
+    #: Prometheus endpoint ``http://<metrics_host>:<metrics_port>/metrics``, advertised in
+    #: the worker record's ``tags["metrics"]``; port 0 picks a free one, -1 turns it off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9092, ge=-1, le=65535)
     version: str = "0.1.0"
 
     @field_validator("runtimes", mode="before")

@@ -40,6 +40,8 @@ from mnemos.messages import (
     Phase,
     ResultChunk,
     ResultFinal,
+    decode_result,
+    ResultStatus,
     Timings,
     decode,
     encode,
@@ -47,6 +49,7 @@ from mnemos.messages import (
 )
 from mnemos.names import Names
 from mnemos.retry import failures, policy_for, retry_delay, should_retry
+from neuron_runtime.metrics import WorkerMetrics
 from neuron_runtime.pool import ModelPool, pool_key
 from neuron_runtime.runtimes.base import ExecutionContext
 
@@ -163,6 +166,7 @@ class Executor:
         *,
         on_finished: Callable[[JobRecord], None] | None = None,
         stream_interval_s: float = 0.0,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -172,6 +176,7 @@ class Executor:
         self.worker_id = worker_id
         self.on_finished = on_finished
         self.stream_interval_s = stream_interval_s
+        self.metrics = metrics
         self.running: dict[str, Execution] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.completed = 0
@@ -240,6 +245,7 @@ class Executor:
         warm = self.pool.is_loaded(key)
         if not await self._claim(ex, warm):
             return
+        await self._publish_status(ex, ex.record.status)
         attempt = ex.record.attempt
         ctx = ExecutionContext(job_id=ex.job_id, attempt=attempt, spec=spec)
         ex.ctx = ctx
@@ -257,6 +263,7 @@ class Executor:
                 cache_hit, load_ms, disk_hit = info.hit, info.load_ms, info.disk_hit
                 if not info.hit:
                     await self._write(ex, lambda r: self._phase(r, "running"))
+                    await self._publish_status(ex, "running")
                 if ex.record.status == "cancelling":
                     ctx.cancel()
                 ctx.sink = self._sink(ex)
@@ -289,6 +296,8 @@ class Executor:
             output.metrics.setdefault("run_ms", timings.run_ms or 0.0)
             if timings.first_token_ms is not None:
                 output.metrics.setdefault("first_token_ms", timings.first_token_ms)
+        if self.metrics is not None:
+            self.metrics.attempt_ended(ex.record.runtime, status, timings, output)
         await self._conclude(ex, status, output, error.info() if error else None, timings)
 
     async def _run(self, ex: Execution, model: Any, ctx: ExecutionContext) -> JobOutput:
@@ -454,6 +463,8 @@ class Executor:
                 log.debug("job %s is %s%s; dropping this message", ex.job_id, ex.record.status,
                           " (requeued since)" if stale else "")
                 if ended_on_arrival:
+                    if self.metrics is not None and ex.record.terminal:
+                        self.metrics.job_finished(ex.record.status, ex.record.runtime)
                     await self._announce(ex)
                 elif ex.record.terminal:
                     await self._ensure_announced(ex)
@@ -527,6 +538,8 @@ class Executor:
             self.completed += 1
         else:
             self.failed += 1
+        if self.metrics is not None:
+            self.metrics.job_finished(record.status, record.runtime)
         await ex.msg.ack()
         if self.on_finished is not None:
             self.on_finished(record)
@@ -549,7 +562,7 @@ class Executor:
         try:
             last = await self.js.get_last_msg(self.names.results_stream, self.names.results_subject(record.job_id),
                                               direct=True)
-            item = decode(last.data or b"", ResultChunk | ResultFinal)  # type: ignore[arg-type]
+            item = decode_result(last.data or b"")
             if isinstance(item, ResultFinal) and item.status == record.status and item.attempt == record.attempt:
                 return
         except Exception as e:  # not found (never announced), or unreadable: announce
@@ -557,6 +570,15 @@ class Executor:
         log.info("job %s: announcing the %s result its worker recorded but did not announce",
                  record.job_id, record.status)
         await self._announce(ex)
+
+    async def _publish_status(self, ex: Execution, status: str) -> None:
+        """Put a status change on the result stream (no ack: the record is the authority)."""
+        status_msg = ResultStatus(job_id=ex.job_id, attempt=ex.record.attempt, status=status,  # type: ignore[arg-type]
+                                  at=utcnow(), worker_id=self.worker_id)
+        try:
+            await self.nc.publish(self.names.results_subject(ex.job_id), encode(status_msg))
+        except Exception as e:  # noqa: BLE001 - a lost status event must not fail the job
+            log.warning("job %s: status %s not published: %r", ex.job_id, status, e)
 
     async def _announce(self, ex: Execution) -> None:
         """Answer a waiting ``jobs.run`` and write the attempt's final result message."""

@@ -2,8 +2,8 @@
 
 Shutdown order (``drain``): stop pulling -> wait up to ``drain_timeout_s`` for in-flight
 jobs -> hand the rest back to the queue (nak: another worker takes them at once, and it is
-not counted as a failed attempt) -> deregister -> unload models -> re-raise the first
-fatal background error.
+not counted as a failed attempt) -> deregister -> unload models -> stop serving metrics ->
+re-raise the first fatal background error.
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ from mnemos.errors import MnemosError, ValidationFailed
 from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
-from mnemos.messages import JobRecord, WorkerCommand, WorkerRecord, decode, encode, utcnow
+from mnemos.messages import ErrorReply, JobRecord, WorkerCommand, WorkerRecord, decode, encode, utcnow
+from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
+from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE
 from mnemos.tasks import cancel_and_wait
 from neuron_runtime.cache import DiskCache
 from neuron_runtime.config import WorkerSettings
 from neuron_runtime.executor import Executor
+from neuron_runtime.metrics import WorkerMetrics, WorkerState
 from neuron_runtime.pool import ModelPool
 from neuron_runtime.puller import PriorityPuller
 from neuron_runtime.resources import ResourceMonitor
@@ -75,6 +78,8 @@ class Worker:
         self.executor: Executor | None = None
         self.puller: PriorityPuller | None = None
         self.publisher: Publisher | None = None
+        self.metrics = WorkerMetrics(self._metrics_state)
+        self.metrics_server: MetricsServer | None = None
         self.registered_at = utcnow()
         self.started_monotonic = time.monotonic()
         #: Set when the worker wants its process to exit (recycling or a drain command).
@@ -112,8 +117,14 @@ class Worker:
     async def start(self) -> None:
         if self._started:
             return
-        self._started = True
         s = self.settings
+        if s.metrics_port != METRICS_DISABLED:
+            # First: a taken port fails the start before anything else is started.
+            self.metrics_server = await serve_metrics(
+                self.metrics.registry, s.metrics_host, s.metrics_port,
+                hint="set MNEMOS_WORKER_METRICS_PORT to a free port, 0 for any, -1 for none",
+            )
+        self._started = True
         if {"transformers", "pytorch"} & set(self.runtimes):
             import torch
 
@@ -141,6 +152,7 @@ class Worker:
             self.worker_id,
             on_finished=self._on_finished,
             stream_interval_s=s.stream_interval_ms / 1000.0,
+            metrics=self.metrics,
         )
         self.puller = PriorityPuller(
             self.nc, self.names, list(self.runtimes), self._on_message, ack_wait_s=s.ack_wait_s
@@ -201,6 +213,9 @@ class Worker:
             await self.catalog.stop()
         if self.publisher is not None:
             await self.publisher.close()
+        metrics_server, self.metrics_server = self.metrics_server, None
+        if metrics_server is not None:
+            await metrics_server.close()
         self._status = "stopped"
         log.info("worker %s stopped", self.worker_id)
         if self._fatal is not None:
@@ -325,8 +340,9 @@ class Worker:
         try:
             cmd = decode(msg.data, WorkerCommand)
         except MnemosError as e:
-            if msg.reply:
-                await msg.respond(encode({"error": e.info()}))
+            if msg.reply:  # the one error envelope, as the control plane's micro errors
+                await self.nc.publish(msg.reply, encode(ErrorReply(error=e.info())),
+                                      headers={HDR_SERVICE_ERROR: e.message, HDR_SERVICE_ERROR_CODE: str(e.status)})
             return
         if cmd.command == "pause":
             self._paused = True
@@ -342,8 +358,24 @@ class Worker:
 
     # ------------------------------------------------------------------ heartbeat
 
+    def _metrics_state(self) -> WorkerState | None:
+        if self.executor is None or self.pool is None:
+            return None
+        return WorkerState(
+            slots=self.settings.max_concurrent_jobs,
+            busy_slots=self._active,
+            jobs_in_progress=len(self.executor.running),
+            memory_hits=self.pool.hits,
+            memory_misses=self.pool.misses,
+            disk_hits=self.pool.disk.hits,
+            disk_misses=self.pool.disk.misses,
+        )
+
     def record(self) -> WorkerRecord:
         ex = self.executor
+        tags = dict(self.settings.tags)
+        if self.metrics_server is not None:
+            tags["metrics"] = self.metrics_server.url
         return WorkerRecord(
             worker_id=self.worker_id,
             hostname=socket.gethostname(),
@@ -357,7 +389,7 @@ class Worker:
             current_jobs=sorted(ex.running) if ex else [],
             loaded_models=self.pool.loaded_names() if self.pool else [],
             resources=self.monitor.snapshot(),
-            tags=dict(self.settings.tags),
+            tags=tags,
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
             jobs_completed=ex.completed if ex else 0,
             jobs_failed=ex.failed if ex else 0,

@@ -7,6 +7,7 @@ bucket), like Temporal's uuid task queue per test, instead of restarting servers
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,6 +24,11 @@ from mnemos.layout import Layout, ensure_layout
 from mnemos.names import Names
 
 T = TypeVar("T")
+
+# Every control plane and worker a test starts (here or in a test file) serves metrics on a
+# port the OS picks, so tests, and test runs side by side, never compete for 9091/9092.
+os.environ["MNEMOS_CP_METRICS_PORT"] = "0"
+os.environ["MNEMOS_WORKER_METRICS_PORT"] = "0"
 
 
 async def assert_eventually(
@@ -218,3 +224,25 @@ async def client(nc: NATS, names: Names) -> Any:
     from mnemos.client import Client
 
     return Client(nc, names)
+
+
+@pytest.fixture
+async def start_gateway(nats_settings: NatsSettings, layout: Layout) -> AsyncIterator[Callable[..., Awaitable[str]]]:
+    """Start HTTP gateways (real uvicorn on a free loopback port, in this event loop); each
+    returns its base URL. Keyword arguments are ``GatewaySettings`` fields. Request the
+    ``control_plane`` fixture too, unless the test is about its absence."""
+    from control_plane.gateway import GatewaySettings, create_app
+    from mnemos.asgi import AsgiServer
+
+    servers: list[AsgiServer] = []
+
+    async def start(**overrides: Any) -> str:
+        settings = GatewaySettings(**{"host": "127.0.0.1", "port": 0, **overrides})
+        server = AsgiServer(create_app(settings, nats_settings), settings.host, settings.port, lifespan="on")
+        await server.start()
+        servers.append(server)
+        return f"http://{settings.host}:{server.port}"
+
+    yield start
+    for server in servers:
+        await _bounded(server.stop(), "gateway stop")

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
+import pty
+import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -76,3 +81,59 @@ async def test_exit_codes(nats_settings, control_plane, demo_fn, start_worker) -
         timeout=60,
     )
     assert down.returncode == 5 and "unavailable" in down.stderr
+
+
+async def test_wait_shows_the_job_status_on_a_terminal(nats_settings, control_plane, demo_fn, start_worker) -> None:
+    """`submit --wait` shows a spinner with the job's status when stderr is a terminal; stdout
+    (the record) stays clean."""
+    await start_worker()
+    master, slave = pty.openpty()
+
+    def run() -> subprocess.CompletedProcess[str]:
+        try:
+            return subprocess.run(
+                [sys.executable, "-m", "mnemos", "--nats-url", nats_settings.nats_url, "--namespace",
+                 nats_settings.namespace, "submit", "-m", "demo-fn:v1", "--function", "sleep", "--arg", "1", "--wait"],
+                stdout=subprocess.PIPE, stderr=slave, text=True, timeout=60, env={**os.environ, "TERM": "xterm"},
+            )
+        finally:
+            os.close(slave)
+
+    def read_terminal() -> str:
+        out = []
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: every writer closed the terminal
+                break
+            if not data:
+                break
+            out.append(data)
+        os.close(master)
+        return b"".join(out).decode(errors="replace")
+
+    proc, terminal = await asyncio.gather(asyncio.to_thread(run), asyncio.to_thread(read_terminal))
+    assert proc.returncode == 0
+    job_id = re.search(r"job\s+(\w{26})", proc.stdout)
+    assert job_id is not None and "completed" in proc.stdout and "\x1b" not in proc.stdout
+    assert job_id.group(1) in terminal and "running on w0-" in terminal  # the status the worker announced
+
+
+def test_every_command_line_in_the_cli_docs_parses() -> None:
+    """Each `mnemos ...` line of docs/cli.md names commands and options that exist (it is
+    parsed up to `--help`, so nothing runs; what the commands do is tested above and in
+    test_cli_exit_codes.py)."""
+    from click.testing import CliRunner
+
+    from mnemos.cli import cli
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    lines = [line for block in re.findall(r"^```sh\n(.*?)^```$", text, flags=re.S | re.M)
+             for line in block.replace("\\\n", " ").splitlines() if line.startswith("mnemos ")]
+    assert len(lines) >= 25
+    for line in lines:
+        argv = shlex.split(line, comments=True)[1:]
+        argv = list(itertools.takewhile(lambda a: a not in (">", "|", "&&", ";"), argv))
+        argv = [a.replace("<job_id>", "01M84A76B4ZZWPFWTGRK0WD4F1") for a in argv]
+        result = CliRunner().invoke(cli, [*argv, "--help"])
+        assert result.exit_code == 0, f"{line}\n{result.output}"

@@ -56,12 +56,12 @@ async def test_service_is_discoverable_by_name(control_plane, nc: NATS) -> None:
     "endpoint,body,code,status",
     [
         ("jobs.submit", b"{not json", "invalid_json", "400"),
-        ("jobs.submit", b'{"model": {"family": "x"}}', "validation_error", "400"),
-        ("jobs.submit", b'{"model": {"family": "x", "version": "1"}, "priority": 11}', "validation_error", "400"),
+        ("jobs.submit", b'{"model": {"family": "x"}}', "validation_error", "422"),
+        ("jobs.submit", b'{"model": {"family": "x", "version": "1"}, "priority": 11}', "validation_error", "422"),
         ("jobs.get", b'{"job_id": "NOPE"}', "job_not_found", "404"),
-        ("jobs.get", b'{"job_id": "../../etc"}', "validation_error", "400"),
+        ("jobs.get", b'{"job_id": "../../etc"}', "validation_error", "422"),
         ("models.get", b'{"name": "ghost:v9"}', "model_not_found", "404"),
-        ("jobs.cancel", b"[]", "validation_error", "400"),
+        ("jobs.cancel", b"[]", "validation_error", "422"),
     ],
 )
 async def test_errors_use_one_envelope(

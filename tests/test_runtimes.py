@@ -209,6 +209,30 @@ async def test_missing_prompt_is_a_validation_error(tiny_lm: TransformersModel) 
         await tiny_lm.run(lm_job(None).ctx)
 
 
+async def test_chat_messages_use_the_chat_template_or_a_plain_transcript(tiny_lm: TransformersModel) -> None:
+    from mnemos.messages import ChatMessage
+    from neuron_runtime.runtimes.base import text_prompt
+
+    chat = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Hi")]
+    job_input = JobInput(messages=chat)
+    tok = tiny_lm.tokenizer
+    assert not getattr(tok, "chat_template", None)  # a base model: a plain transcript
+    assert text_prompt(job_input, tok, "transformers") == "System: Be brief.\nUser: Hi\nAssistant:"
+    tok.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
+    try:
+        assert text_prompt(job_input, tok, "transformers") == "<|system|>Be brief.\n<|user|>Hi\n<|assistant|>"
+        out = await tiny_lm.run(Job(DEMO_MODEL_FAMILY, DEMO_MODEL_VERSION, messages=chat,
+                                    parameters=GenerationParams(max_tokens=5, temperature=0)).ctx)
+        plain = await tiny_lm.run(lm_job("<|system|>Be brief.\n<|user|>Hi\n<|assistant|>", max_tokens=5,
+                                         temperature=0).ctx)
+        assert out.result == plain.result and out.metadata["prompt_tokens"] == plain.metadata["prompt_tokens"]
+    finally:
+        tok.chat_template = None
+
+
 async def test_missing_model_dir_is_a_load_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError):
         await TransformersRuntime().load(record("nope", "v1", "transformers"), tmp_path, TransformersConfig())

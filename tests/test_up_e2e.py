@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,11 @@ from mnemos.embedded import free_port
 pytestmark = pytest.mark.e2e
 
 
-def _start_up(data_dir: Path, port: int) -> subprocess.Popen[str]:
+def _start_up(data_dir: Path, port: int, gateway_port: int) -> subprocess.Popen[str]:
     env = dict(os.environ, MNEMOS_LOG_LEVEL="INFO", MNEMOS_WORKER_HEARTBEAT_INTERVAL_S="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mnemos", "up", "--data-dir", str(data_dir), "--port", str(port)],
+        [sys.executable, "-m", "mnemos", "up", "--data-dir", str(data_dir), "--port", str(port),
+         "--gateway-port", str(gateway_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
     deadline = time.monotonic() + 180
@@ -60,9 +62,17 @@ def _port_closed(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
+def _http_json(url: str, body: dict[str, object] | None = None) -> dict[str, object]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.loads(resp.read())  # type: ignore[no-any-return]
+
+
 def test_make_up_streams_tokens_and_restarts_cleanly(tmp_path: Path) -> None:
-    port = free_port()
-    proc = _start_up(tmp_path, port)
+    port, http_port = free_port(), free_port()
+    gateway = f"http://127.0.0.1:{http_port}"
+    proc = _start_up(tmp_path, port, http_port)
     try:
         streamed = _mnemos(port, "submit", "--model", "demo-gpt2:v1", "--prompt", "hello", "--stream",
                            "--max-tokens", "12", "--temperature", "0")
@@ -80,13 +90,20 @@ def test_make_up_streams_tokens_and_restarts_cleanly(tmp_path: Path) -> None:
         workers = json.loads(_mnemos(port, "-o", "json", "workers", "ls").stdout)
         assert len(workers) == 1 and "transformers" in workers[0]["runtimes"]
         assert "demo-gpt2:v1" in workers[0]["loaded_models"]
+
+        # The gateway that `up` started: the banner's curl example, and a job submitted over HTTP.
+        completion = _http_json(f"{gateway}/v1/completions",
+                                {"model": "demo-gpt2:v1", "prompt": "hello", "max_tokens": 4, "temperature": 0})
+        assert completion["object"] == "text_completion"
+        assert completion["usage"]["completion_tokens"] >= 1  # type: ignore[index]
+        assert _http_json(f"{gateway}/v1/jobs/{job_id}")["status"] == "completed"
     finally:
         out = _stop_up(proc)
     assert "stopped." in out
-    assert _port_closed(port)
+    assert _port_closed(port) and _port_closed(http_port)
 
     # A second `up` on the same data directory: the earlier job is still there.
-    proc = _start_up(tmp_path, port)
+    proc = _start_up(tmp_path, port, http_port)
     try:
         got = _mnemos(port, "-o", "json", "jobs", "get", job_id)
         assert got.returncode == 0, got.stderr

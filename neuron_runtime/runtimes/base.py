@@ -26,9 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mnemos.messages import JobOutput, JobSpec, ModelRecord
+from mnemos.errors import ValidationFailed
+from mnemos.messages import JobInput, JobOutput, JobSpec, ModelRecord
 
-__all__ = ["ExecutionContext", "LoadedModel", "Runtime"]
+__all__ = ["ExecutionContext", "LoadedModel", "Runtime", "text_prompt"]
 
 
 @dataclass
@@ -104,3 +105,21 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def load(self, model: ModelRecord, model_dir: Path, config: Any) -> LoadedModel:
         """Load ``model`` from ``model_dir`` with the parsed runtime ``config``."""
+
+
+def text_prompt(job_input: JobInput, tokenizer: Any, runtime: str) -> str:
+    """The prompt text of a text job: ``prompt`` as given, or ``messages`` rendered with the
+    tokenizer's chat template. A tokenizer without one (a base model) gets a plain
+    ``Role: content`` transcript ending with ``Assistant:``."""
+    if job_input.prompt:
+        return job_input.prompt
+    if not job_input.messages:
+        raise ValidationFailed(f"the {runtime} runtime needs input.prompt or input.messages")
+    turns = [{"role": m.role, "content": m.content} for m in job_input.messages]
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return str(tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True))
+        except Exception as e:  # a template that rejects these turns (e.g. no system role)
+            raise ValidationFailed(f"the model's chat template rejected the messages: {e}") from e
+    lines = [f"{m.role.capitalize()}: {m.content}" for m in job_input.messages]
+    return "\n".join([*lines, "Assistant:"])

@@ -30,7 +30,7 @@ from mnemos.errors import ExecutionError, ModelLoadError, ValidationFailed
 from mnemos.messages import JobOutput, ModelRecord
 from mnemos.runtime_config import TransformersConfig
 
-from neuron_runtime.runtimes.base import ExecutionContext, LoadedModel, Runtime
+from neuron_runtime.runtimes.base import ExecutionContext, LoadedModel, Runtime, text_prompt
 
 if TYPE_CHECKING:
     import torch
@@ -287,10 +287,8 @@ class TransformersModel(LoadedModel):
         self._streamer_cls = _streamer_class()
 
     async def run(self, ctx: ExecutionContext) -> JobOutput:
-        """Generate from ``input.prompt``, streaming each new piece of text."""
-        prompt = ctx.spec.input.prompt
-        if not prompt:
-            raise ValidationFailed("the transformers runtime needs input.prompt")
+        """Generate from ``input.prompt`` (or ``messages``), streaming each new piece of text."""
+        prompt = text_prompt(ctx.spec.input, self.tokenizer, "transformers")
         async with self._lock:
             loop = asyncio.get_running_loop()
             generation = _Generation(

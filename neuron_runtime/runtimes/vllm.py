@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from mnemos.errors import ExecutionError, MnemosError, ModelLoadError, ValidationFailed
 from mnemos.messages import JobOutput, ModelRecord
 from mnemos.runtime_config import VLLMConfig
-from neuron_runtime.runtimes.base import ExecutionContext, LoadedModel, Runtime
+from neuron_runtime.runtimes.base import ExecutionContext, LoadedModel, Runtime, text_prompt
 from neuron_runtime.runtimes.transformers import DEFAULT_MAX_TOKENS, StopStringFilter, text_output
 
 __all__ = ["VLLMRuntime", "VLLMModel", "EngineFactory", "SamplingParamsFactory", "engine_kwargs"]
@@ -120,11 +120,10 @@ class VLLMModel(LoadedModel):
 
     async def run(self, ctx: ExecutionContext) -> JobOutput:
         """Submit the prompt as one engine request and stream its text deltas."""
-        prompt = ctx.spec.input.prompt
-        if not prompt:
-            raise ValidationFailed("the vllm runtime needs input.prompt")
         if self.engine is None:
             raise ExecutionError(f"{self.record.name} is unloaded", retryable=True)
+        tokenizer = await self.engine.get_tokenizer() if ctx.spec.input.messages else None
+        prompt = text_prompt(ctx.spec.input, tokenizer, "vllm")
         try:
             params = self.sampling_params(ctx)
         except (ValueError, TypeError) as e:

@@ -134,6 +134,12 @@ class FakeAsyncLLMEngine:
     def from_engine_args(cls, engine_args: FakeAsyncEngineArgs, **options: Any) -> FakeAsyncLLMEngine:
         return cls(engine_args, **options)
 
+    async def get_tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer, as ``AsyncLLMEngine.get_tokenizer()`` returns it."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(self.args.tokenizer or self.args.model)
+
     @staticmethod
     def expected_words(prompt: str, params: FakeSamplingParams) -> list[str]:
         """The words a request produces before stops and limits (for assertions)."""

@@ -1,0 +1,313 @@
+"""``/v1/jobs``, ``/v1/models``, ``/v1/workers``: the job API over HTTP.
+
+Each route is one request to the control plane through :class:`mnemos.Client`, acting
+for the caller's tenant. ``GET /v1/jobs/{id}/events`` is a Server-Sent Events stream of
+the job's result stream (``MNEMOS_RESULTS``): every event's ``id`` is its stream sequence,
+so a client that reconnects with ``Last-Event-ID`` gets exactly the events after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
+
+import nats.errors
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from nats.js import api as jsapi
+
+from control_plane.gateway.deps import GatewayState, gateway_state, tenant_client
+from control_plane.gateway.http import (
+    ERROR_RESPONSES,
+    MsgspecResponse,
+    json_response_doc,
+    read_body,
+    schema_ref,
+    to_builtins,
+)
+from mnemos.client import Client
+from mnemos.errors import JobTimeout, ValidationFailed
+from mnemos.messages import (
+    TERMINAL_STATUSES,
+    JobList,
+    JobRecord,
+    JobSpec,
+    ModelRecord,
+    ResultChunk,
+    ResultFinal,
+    ResultStatus,
+    WorkerList,
+    decode_result,
+    encode,
+)
+
+__all__ = ["router", "JOB_SPEC_EXAMPLES"]
+
+router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
+
+JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
+                            description="The job's id (a ULID)")]
+JobStatusName = Literal[
+    "queued", "acquired", "loading_model", "running", "streaming", "cancelling", "retrying",
+    "completed", "failed", "timeout", "cancelled",
+]
+
+#: Request examples shown in the OpenAPI document (they run against `make up`).
+JOB_SPEC_EXAMPLES: dict[str, Any] = {
+    "text": {
+        "summary": "Generate text with the demo model",
+        "value": {"model": {"family": "demo-gpt2", "version": "v1"},
+                  "input": {"prompt": "Hello", "parameters": {"max_tokens": 16, "temperature": 0}}},
+    },
+    "chat": {
+        "summary": "A chat, rendered with the model's chat template",
+        "value": {"model": {"family": "demo-gpt2", "version": "v1"},
+                  "input": {"messages": [{"role": "user", "content": "Hi!"}], "parameters": {"max_tokens": 8}}},
+    },
+    "function": {
+        "summary": "Call a Python function of the demo functions model",
+        "value": {"model": {"family": "demo-fn", "version": "v1", "runtime_config": {"function": "add"}},
+                  "input": {"args": [2, 3]}, "priority": 8, "idempotency_key": "add-2-3"},
+    },
+}
+_RECORD_DOC = json_response_doc(JobRecord, "The job's record")
+#: OpenAPI links: the id in a job answer feeds the job's other operations (clients and
+#: schemathesis' stateful phase follow them).
+_JOB_LINKS = {
+    name: {"operationId": op, "parameters": {"job_id": "$response.body#/job_id"}}
+    for name, op in [("GetJob", "getJob"), ("CancelJob", "cancelJob"), ("RetryJob", "retryJob")]
+}
+
+
+def _record(record: JobRecord, status_code: int = 200) -> Response:
+    return MsgspecResponse(record, status_code=status_code)
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+@router.post(
+    "/jobs",
+    status_code=202,
+    summary="Submit a job",
+    description="Queues a job and answers 202 with its record (status `queued`). With `?wait=SECONDS` "
+    "the answer waits up to that long: 200 with the finished record if the job ended in time, "
+    "otherwise 202 with its latest record.",
+    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+        "schema": schema_ref(JobSpec), "examples": JOB_SPEC_EXAMPLES}}}},
+    responses={202: {**_RECORD_DOC, "description": "Accepted (not finished yet)", "links": _JOB_LINKS},
+               200: {**_RECORD_DOC, "description": "Finished within `wait`", "links": _JOB_LINKS}},
+    tags=["jobs"],
+    operation_id="submitJob",
+)
+async def submit_job(
+    request: Request,
+    client: Client = Depends(tenant_client),
+    state: GatewayState = Depends(gateway_state),
+    wait: Annotated[float, Query(ge=0, description="Seconds to wait for the job to finish")] = 0.0,
+) -> Response:
+    if wait > state.settings.max_wait_s:
+        raise ValidationFailed(f"wait is at most {state.settings.max_wait_s:g} seconds")
+    spec: JobSpec = await read_body(request, JobSpec)
+    record = await client.submit(spec)
+    if wait > 0:
+        try:
+            return _record(await client.wait(record.job_id, timeout=wait), 200)
+        except JobTimeout:
+            record = await client.get(record.job_id)
+    return _record(record, 202)
+
+
+@router.get(
+    "/jobs",
+    summary="List jobs",
+    description="Newest first. Pass `next_cursor` of a page as `cursor` to get the next one.",
+    responses={200: json_response_doc(JobList, "A page of jobs")},
+    tags=["jobs"],
+    operation_id="listJobs",
+)
+async def list_jobs(
+    client: Client = Depends(tenant_client),
+    status: Annotated[list[JobStatusName] | None, Query(description="Only these statuses (repeatable)")] = None,
+    model: Annotated[str | None, Query(max_length=160, description="`family:version` or an alias")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 50,
+    cursor: Annotated[str | None, Query(max_length=64)] = None,
+) -> Response:
+    page = await client.list(status=list(status) if status else None, model=model, limit=limit, cursor=cursor)
+    return MsgspecResponse(page)
+
+
+@router.get("/jobs/{job_id}", summary="Get a job", responses={200: _RECORD_DOC}, tags=["jobs"], operation_id="getJob")
+async def get_job(job_id: JobId, client: Client = Depends(tenant_client)) -> Response:
+    return _record(await client.get(job_id))
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    summary="Cancel a job",
+    description="A queued job is `cancelled` at once; a running one becomes `cancelling` until its "
+    "worker confirms (`cancelled`). A finished job answers 409 `not_cancellable`.",
+    responses={200: _RECORD_DOC, 409: ERROR_RESPONSES[422] | {"description": "Already finished"}},
+    tags=["jobs"],
+    operation_id="cancelJob",
+)
+async def cancel_job(
+    job_id: JobId,
+    client: Client = Depends(tenant_client),
+    reason: Annotated[str | None, Query(max_length=500)] = None,
+) -> Response:
+    return _record(await client.cancel(job_id, reason))
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    status_code=202,
+    summary="Retry a failed, timed-out or cancelled job",
+    responses={202: _RECORD_DOC, 409: ERROR_RESPONSES[422] | {"description": "Not in a retryable state"}},
+    tags=["jobs"],
+    operation_id="retryJob",
+)
+async def retry_job(job_id: JobId, client: Client = Depends(tenant_client)) -> Response:
+    return _record(await client.retry(job_id), 202)
+
+
+@router.get(
+    "/jobs/{job_id}/events",
+    summary="Follow a job (Server-Sent Events)",
+    description=(
+        "Events: `job` (the record when the stream opens, no id), then from the job's result "
+        "stream `status` (a status change), `chunk` (streamed output) and `final` (an attempt's "
+        "end). Every stream event has an `id` (its `MNEMOS_RESULTS` sequence): reconnect with "
+        "`Last-Event-ID` to get exactly the events after it. The stream ends after the final event "
+        "of the job's last attempt."
+    ),
+    responses={200: {"description": "An event stream", "content": {"text/event-stream": {}}}},
+    tags=["jobs"],
+    operation_id="jobEvents",
+)
+async def job_events(
+    job_id: JobId,
+    client: Client = Depends(tenant_client),
+    state: GatewayState = Depends(gateway_state),
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+) -> Response:
+    after: int | None = None
+    if last_event_id is not None:
+        if not last_event_id.isdigit():
+            raise ValidationFailed("Last-Event-ID must be an event id sent by this stream (a number)")
+        after = int(last_event_id)
+    record = await client.get(job_id)  # 404 (or another tenant's job) before the stream starts
+    events = _job_events(client, record, after, state)
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _sse(event: str, data: bytes, event_id: int | None = None) -> bytes:
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\n".encode() + b"data: " + data + b"\n\n"
+
+
+_EVENT_NAMES: dict[type[Any], str] = {ResultChunk: "chunk", ResultFinal: "final", ResultStatus: "status"}
+#: A quiet stream checks the job's record this often (a result stream can expire).
+_RECORD_CHECK_S = 5.0
+
+
+async def _job_events(client: Client, record: JobRecord, after: int | None,
+                      state: GatewayState) -> AsyncIterator[bytes]:
+    job_id = record.job_id
+    config = None
+    if after is not None:
+        config = jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
+    sub = await client.nc.jetstream().subscribe(client.names.results_subject(job_id), ordered_consumer=True,
+                                                config=config)
+    gauge = state.metrics.streams.labels("events")
+    gauge.inc()
+    try:
+        if after is None:
+            yield _sse("job", encode(record))
+        quiet_since = time.monotonic()
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=min(state.settings.sse_keepalive_s, _RECORD_CHECK_S))
+            except nats.errors.TimeoutError:
+                yield b": keep-alive\n\n"
+                if time.monotonic() - quiet_since >= _RECORD_CHECK_S:
+                    quiet_since = time.monotonic()
+                    current = await client.get(job_id)
+                    if current.terminal:  # its final message expired or was never written
+                        final = ResultFinal(job_id=job_id, attempt=current.attempt, status=current.status,
+                                            output=current.output, error=current.error)
+                        yield _sse("final", encode(final))
+                        return
+                continue
+            quiet_since = time.monotonic()
+            item = decode_result(msg.data)
+            yield _sse(_EVENT_NAMES[type(item)], msg.data, msg.metadata.sequence.stream)
+            if isinstance(item, ResultFinal) and item.status in TERMINAL_STATUSES:
+                if item.attempt >= (await client.get(job_id)).attempt:
+                    return
+    except asyncio.CancelledError:
+        raise
+    finally:
+        gauge.dec()
+        try:
+            await sub.unsubscribe()
+        except Exception:  # noqa: BLE001 - the connection may be gone; nothing to release then
+            pass
+
+
+# ----------------------------------------------------------------------------- models, workers
+
+_MODEL_LIST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "OpenAI's model list shape; each entry is a model record plus `id`, `object`, "
+    "`created` and `owned_by`.",
+    "properties": {
+        "object": {"enum": ["list"]},
+        "data": {"type": "array", "items": {"allOf": [schema_ref(ModelRecord), {
+            "type": "object",
+            "properties": {"id": {"type": "string"}, "object": {"enum": ["model"]},
+                           "created": {"type": "integer"}, "owned_by": {"type": "string"}},
+        }]}},
+    },
+}
+
+
+def openai_model(model: ModelRecord) -> dict[str, Any]:
+    """A model record in OpenAI's ``model`` shape (the record's own fields kept)."""
+    entry: dict[str, Any] = {"id": model.name, "object": "model", "created": int(model.created_at.timestamp()),
+                             "owned_by": "mnemos"}
+    entry.update({k: v for k, v in to_builtins(model).items() if k != "type"})
+    return entry
+
+
+@router.get("/models", summary="List models (OpenAI shape)",
+            responses={200: json_response_doc(_MODEL_LIST_SCHEMA, "Registered models")}, tags=["models"])
+async def list_models(
+    client: Client = Depends(tenant_client),
+    runtime: Annotated[Literal["vllm", "transformers", "pytorch", "python"] | None, Query()] = None,
+) -> Response:
+    models = await client.models(runtime)
+    return MsgspecResponse({"object": "list", "data": [openai_model(m) for m in models]})
+
+
+@router.get("/models/{name}", summary="Get a model by `family:version` or alias",
+            responses={200: json_response_doc(ModelRecord, "The model")}, tags=["models"])
+async def get_model(name: Annotated[str, Path(min_length=1, max_length=160)],
+                    client: Client = Depends(tenant_client)) -> Response:
+    return MsgspecResponse(openai_model(await client.model(name)))
+
+
+@router.get("/workers", summary="List live workers",
+            responses={200: json_response_doc(WorkerList, "Workers with a live heartbeat")}, tags=["workers"])
+async def list_workers(
+    client: Client = Depends(tenant_client),
+    runtime: Annotated[Literal["vllm", "transformers", "pytorch", "python"] | None, Query()] = None,
+) -> Response:
+    workers = await client.workers(runtime)
+    if client.tenant is not None:  # which jobs run where is not a tenant's business
+        for worker in workers:
+            worker.current_jobs = []
+    return MsgspecResponse(WorkerList(workers=workers))
