@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import nats.errors
@@ -198,6 +198,17 @@ class Client:
     async def stream(self, job_id: str, *, start_seq: int | None = None) -> AsyncIterator[ResultMessage]:
         """Status changes, chunks and final messages of a job as they are stored, from the
         start (or stream sequence ``start_seq``), until a final message with a terminal status.
+        See :meth:`events` (the same, with each message's stream sequence)."""
+        async for _seq, item in self.events(job_id, start_seq=start_seq):
+            yield item
+
+    async def events(
+        self, job_id: str, *, start_seq: int | None = None
+    ) -> AsyncGenerator[tuple[int | None, ResultMessage], None]:
+        """``(stream sequence, message)`` of a job's result stream, from the start (or
+        ``start_seq``), until a final message with a terminal status. The sequence is None
+        for a final message built from the record (its stream message expired or was never
+        written). Resume after sequence ``n`` with ``start_seq=n + 1``.
 
         Resumable: it remembers the stream sequence of the last message it yielded, and when
         the connection was re-established it opens a new consumer right after it. (A restarted
@@ -303,8 +314,8 @@ class Client:
                     if await more_stored():  # the consumer fell behind: catch up first
                         sub = await resubscribe(sub)
                         continue
-                    yield ResultFinal(job_id=job_id, attempt=record.attempt, status=record.status,
-                                      output=record.output, error=record.error)
+                    yield None, ResultFinal(job_id=job_id, attempt=record.attempt, status=record.status,
+                                            output=record.output, error=record.error)
                     return
                 seq = msg.metadata.sequence.stream
                 if next_seq is not None and seq < next_seq:
@@ -317,11 +328,11 @@ class Client:
                     # at a later attempt).
                     record = await self.get(job_id)
                     if item.attempt < record.attempt or not record.terminal:
-                        yield item
+                        yield seq, item
                         continue
-                    yield item
+                    yield seq, item
                     return
-                yield item
+                yield seq, item
         finally:
             await unsubscribe(sub)
 

@@ -336,3 +336,15 @@ async def test_concurrent_submissions_over_http(stack: str, http: httpx.AsyncCli
         http.post(f"{stack}/v1/jobs", params={"wait": 30}, json=fn_job("add", i, i)) for i in range(40)
     ])
     assert sorted(r.json()["output"]["result"] for r in results) == [2 * i for i in range(40)]
+
+
+async def test_a_quiet_event_stream_gets_keep_alive_comments(control_plane: Any, start_worker: Any, demo_fn: Any,
+                                                             start_gateway: StartGateway,
+                                                             http: httpx.AsyncClient) -> None:
+    await start_worker()
+    base = await start_gateway(sse_keepalive_s=0.2)
+    job = (await http.post(f"{base}/v1/jobs", json=fn_job("sleep", 1.0))).json()
+    async with http.stream("GET", f"{base}/v1/jobs/{job['job_id']}/events") as r:
+        body = (await r.aread()).decode()
+    assert body.count(": keep-alive") >= 2, body
+    assert body.rstrip().splitlines()[-1].startswith("data: ") and "event: final" in body

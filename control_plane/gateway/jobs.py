@@ -9,14 +9,11 @@ so a client that reconnects with ``Last-Event-ID`` gets exactly the events after
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-import nats.errors
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from nats.js import api as jsapi
 
 from control_plane.gateway.deps import GatewayState, gateway_state, tenant_client
 from control_plane.gateway.http import (
@@ -30,7 +27,6 @@ from control_plane.gateway.http import (
 from mnemos.client import Client
 from mnemos.errors import JobTimeout, ValidationFailed
 from mnemos.messages import (
-    TERMINAL_STATUSES,
     JobList,
     JobRecord,
     JobSpec,
@@ -39,7 +35,6 @@ from mnemos.messages import (
     ResultFinal,
     ResultStatus,
     WorkerList,
-    decode_result,
     encode,
 )
 
@@ -210,52 +205,40 @@ def _sse(event: str, data: bytes, event_id: int | None = None) -> bytes:
 
 
 _EVENT_NAMES: dict[type[Any], str] = {ResultChunk: "chunk", ResultFinal: "final", ResultStatus: "status"}
-#: A quiet stream checks the job's record this often (a result stream can expire).
-_RECORD_CHECK_S = 5.0
 
 
 async def _job_events(client: Client, record: JobRecord, after: int | None,
                       state: GatewayState) -> AsyncIterator[bytes]:
-    job_id = record.job_id
-    config = None
-    if after is not None:
-        config = jsapi.ConsumerConfig(deliver_policy=jsapi.DeliverPolicy.BY_START_SEQUENCE, opt_start_seq=after + 1)
-    sub = await client.nc.jetstream().subscribe(client.names.results_subject(job_id), ordered_consumer=True,
-                                                config=config)
+    """The SSE body: the record (fresh streams only), then :meth:`Client.events` (which
+    survives NATS reconnects and ends with the job), with keep-alive comments while quiet."""
+    events = client.events(record.job_id, start_seq=None if after is None else after + 1)
     gauge = state.metrics.streams.labels("events")
     gauge.inc()
+    pending: asyncio.Future[tuple[int | None, Any]] | None = None
     try:
         if after is None:
             yield _sse("job", encode(record))
-        quiet_since = time.monotonic()
         while True:
-            try:
-                msg = await sub.next_msg(timeout=min(state.settings.sse_keepalive_s, _RECORD_CHECK_S))
-            except nats.errors.TimeoutError:
+            if pending is None:
+                pending = asyncio.ensure_future(anext(events))
+            done, _ = await asyncio.wait({pending}, timeout=state.settings.sse_keepalive_s)
+            if not done:
                 yield b": keep-alive\n\n"
-                if time.monotonic() - quiet_since >= _RECORD_CHECK_S:
-                    quiet_since = time.monotonic()
-                    current = await client.get(job_id)
-                    if current.terminal:  # its final message expired or was never written
-                        final = ResultFinal(job_id=job_id, attempt=current.attempt, status=current.status,
-                                            output=current.output, error=current.error)
-                        yield _sse("final", encode(final))
-                        return
                 continue
-            quiet_since = time.monotonic()
-            item = decode_result(msg.data)
-            yield _sse(_EVENT_NAMES[type(item)], msg.data, msg.metadata.sequence.stream)
-            if isinstance(item, ResultFinal) and item.status in TERMINAL_STATUSES:
-                if item.attempt >= (await client.get(job_id)).attempt:
-                    return
-    except asyncio.CancelledError:
-        raise
+            try:
+                seq, item = pending.result()
+            except StopAsyncIteration:
+                return
+            finally:
+                if pending.done():
+                    pending = None
+            yield _sse(_EVENT_NAMES[type(item)], encode(item), seq)
     finally:
         gauge.dec()
-        try:
-            await sub.unsubscribe()
-        except Exception:  # noqa: BLE001 - the connection may be gone; nothing to release then
-            pass
+        if pending is not None:  # the client left mid-wait: stop the read, then the stream
+            pending.cancel()
+            await asyncio.gather(pending, return_exceptions=True)
+        await events.aclose()
 
 
 # ----------------------------------------------------------------------------- models, workers
