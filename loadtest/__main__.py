@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     http.add_argument("--gateway-url", default=None, help="a running gateway instead of a fresh local stack")
     http.add_argument("--api-key", default=None)
     http.add_argument("--jobs", type=int, default=3000)
-    http.add_argument("--window", type=int, default=64, help="concurrent HTTP requests")
+    http.add_argument("--window", type=int, default=8,
+                      help="concurrent HTTP requests (httpx, the load generator, slows down past ~16)")
     http.add_argument("--roundtrips", type=int, default=300)
     http.add_argument("--json", action="store_true")
     for kind in ("noop", "stream"):

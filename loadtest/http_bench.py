@@ -26,7 +26,7 @@ _NOOP = {"model": {"family": "demo-fn", "version": "v1", "runtime_config": {"fun
 @dataclass
 class HttpOptions:
     jobs: int = 3000
-    window: int = 64
+    window: int = 8
     roundtrips: int = 300
     completions: int = 50
     warmup: int = 100

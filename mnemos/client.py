@@ -339,11 +339,14 @@ class Client:
     async def wait(self, job_id: str, timeout: float | None = None) -> JobRecord:
         """The job's record once it is terminal; :class:`JobTimeout` after ``timeout`` seconds.
 
-        Follows the result stream (so a reconnect in between is survived as in
-        :meth:`stream`), then reads the record, which is the authority.
+        Listens for final messages on the job's result subject with a plain subscription (no
+        JetStream consumer: a gateway waits on thousands of jobs), and reads the record, which
+        is the authority, after each one and after every quiet spell (0.5 s, doubling to 5 s),
+        so a final message missed during a reconnect costs a few seconds, not the job. The
+        final message of an earlier attempt of a retried job does not end the wait.
         """
 
-        async def record_now(after_stream: bool) -> JobRecord:
+        async def record_now() -> JobRecord:
             delay = 0.05
             while True:
                 try:
@@ -352,20 +355,30 @@ class Client:
                     raise
                 except Unavailable:
                     # After a reconnect the control plane may be a moment behind this client.
-                    if not after_stream or delay > 2.0:
+                    if delay > 2.0:
                         raise
                     await asyncio.sleep(delay)
                     delay *= 2
 
         async def until_terminal() -> JobRecord:
-            record = await record_now(after_stream=False)
-            while not record.terminal:
-                # The stream ends with the final message of the job's latest attempt (the
-                # final message of an earlier one does not end it).
-                async for _ in self.stream(job_id):
+            sub = await self.nc.subscribe(self.names.results_subject(job_id))
+            try:
+                quiet_s = 0.5
+                while not (record := await record_now()).terminal:
+                    try:
+                        async with asyncio.timeout(quiet_s):
+                            while True:
+                                item = decode_result((await sub.next_msg(timeout=None)).data)
+                                if isinstance(item, ResultFinal) and item.status in TERMINAL_STATUSES:
+                                    break
+                    except TimeoutError:
+                        quiet_s = min(quiet_s * 2, _STREAM_IDLE_CHECK_S)
+                return record
+            finally:
+                try:
+                    await sub.unsubscribe()
+                except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
                     pass
-                record = await record_now(after_stream=True)
-            return record
 
         try:
             async with asyncio.timeout(timeout) as deadline:
