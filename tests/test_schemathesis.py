@@ -28,7 +28,7 @@ async def test_no_server_errors_whatever_the_input(control_plane: Any, start_wor
         "--checks", "not_a_server_error",
         "--phases", "examples,coverage,fuzzing,stateful",
         "--max-examples", "25",
-        "--workers", "2",
+        "--workers", "1",  # 2 threads hit a CPython 3.11 ast.parse race inside hypothesis
         "--seed", "20261123",
         "--generation-database", "none",
         "--request-timeout", "60",

@@ -69,7 +69,18 @@ def _http_json(url: str, body: dict[str, object] | None = None) -> dict[str, obj
         return json.loads(resp.read())  # type: ignore[no-any-return]
 
 
+def _logs(data_dir: Path) -> str:
+    return "".join(f"\n--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted((data_dir / "logs").glob("*.log")))
+
+
 def test_make_up_streams_tokens_and_restarts_cleanly(tmp_path: Path) -> None:
+    try:
+        _scenario(tmp_path)
+    except BaseException as e:  # the children's logs say what went wrong
+        raise AssertionError(f"{e!r}\n{_logs(tmp_path)}") from e
+
+
+def _scenario(tmp_path: Path) -> None:
     port, http_port = free_port(), free_port()
     gateway = f"http://127.0.0.1:{http_port}"
     proc = _start_up(tmp_path, port, http_port)
