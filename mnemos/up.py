@@ -247,7 +247,7 @@ def run_up(options: UpOptions) -> int:
         print(f"mnemos up failed: {e}", file=sys.stderr, flush=True)
         code = 1
     finally:
-        print("stopping: workers (drain), control plane, nats-server ...", flush=True)
+        print("stopping: gateway, workers (drain), control plane, nats-server ...", flush=True)
         stack.stop()
         print("stopped.", flush=True)
     return code
