@@ -79,7 +79,7 @@ from mnemos.messages import (
     new_job_id,
     utcnow,
 )
-from mnemos.names import HDR_MSG_ID, HDR_TENANT, RUNTIMES, SERVICE_NAME, SERVICE_VERSION
+from mnemos.names import HDR_MSG_ID, HDR_TENANT, RUNTIMES, SERVICE_NAME, SERVICE_VERSION, TEXT_RUNTIMES
 from mnemos.runtime_config import parse_runtime_config
 
 __all__ = ["ControlPlane", "ENDPOINTS"]
@@ -99,8 +99,6 @@ ENDPOINTS: dict[str, str] = {
     "models.get": "models-get",
 }
 
-#: Runtimes that load the same model directories (a Hugging Face causal LM).
-_TEXT_RUNTIMES = frozenset({"transformers", "vllm"})
 _RETRYABLE_BY_REQUEST = frozenset({"failed", "timeout", "cancelled"})
 
 
@@ -399,13 +397,13 @@ class ControlPlane:
         except ModelNotFound as e:
             raise UnknownModel(f"model {ref.family}:{ref.version} is not registered") from e
         runtime = ref.runtime or model.runtime
-        if runtime != model.runtime and not (runtime in _TEXT_RUNTIMES and model.runtime in _TEXT_RUNTIMES):
+        if runtime != model.runtime and not (runtime in TEXT_RUNTIMES and model.runtime in TEXT_RUNTIMES):
             raise ValidationFailed(
                 f"model {model.name} is registered for runtime {model.runtime!r}, not {runtime!r}"
             )
         defaults = model.runtime_config if runtime == model.runtime else {}
         parse_runtime_config(runtime, defaults, ref.runtime_config)
-        if runtime in _TEXT_RUNTIMES and (spec.input.prompt is None) == (spec.input.messages is None):
+        if runtime in TEXT_RUNTIMES and (spec.input.prompt is None) == (spec.input.messages is None):
             raise ValidationFailed(f"runtime {runtime!r} needs exactly one of input.prompt and input.messages")
         now = utcnow()
         return JobRecord(

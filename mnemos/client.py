@@ -17,11 +17,12 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client as NATS
 from nats.js import api as jsapi
 
 from mnemos.config import NatsSettings
-from mnemos.connection import connect
+from mnemos.connection import connect, unavailable_from
 from mnemos.errors import JobTimeout, NotConnected, Unavailable, ValidationFailed, from_info
 from mnemos.messages import (
     TERMINAL_STATUSES,
@@ -217,10 +218,6 @@ class Client:
         ended the stream without the chunks in between.) Every message is yielded once, in
         stream order.
         """
-        import nats.js.errors
-
-        from mnemos.connection import unavailable_from
-
         poll_s = 0.25  # how soon a reconnect is noticed while the stream is quiet
         js = self.nc.jetstream()
         subject = self.names.results_subject(job_id)

@@ -14,6 +14,7 @@ __all__ = [
     "Names",
     "PRIORITIES",
     "RUNTIMES",
+    "TEXT_RUNTIMES",
     "SERVICE_NAME",
     "SERVICE_VERSION",
     "HDR_MSG_ID",
@@ -32,6 +33,8 @@ SERVICE_VERSION = "0.1.0"
 
 #: Runtimes a job may name. A worker advertises the subset it can run.
 RUNTIMES: tuple[str, ...] = ("vllm", "transformers", "pytorch", "python")
+#: Runtimes that load the same model directories (a Hugging Face causal LM) and take text.
+TEXT_RUNTIMES: tuple[str, ...] = ("transformers", "vllm")
 #: Priorities, lowest to highest. 10 is served first.
 PRIORITIES: tuple[int, ...] = tuple(range(1, 11))
 

@@ -61,14 +61,13 @@ class ApiKeys:
     def tenants(self) -> set[str]:
         return set(self._tenants.values())
 
-    def tenant(self, authorization: str | None) -> str | None:
-        """The tenant of an ``Authorization`` header; None when no keys are configured."""
+    def tenant(self, key: str | None) -> str | None:
+        """The tenant of a bearer key; None when no keys are configured."""
         if not self._tenants:
             return None
-        scheme, _, key = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
+        if not key:
             raise Unauthorized("send an API key: Authorization: Bearer <key>")
-        tenant = self._tenants.get(_digest(key.strip()))
+        tenant = self._tenants.get(_digest(key))
         if tenant is None:
             raise Unauthorized("unknown API key")
         return tenant

@@ -64,8 +64,7 @@ async def tenant_client(
 ) -> Client:
     """The NATS client acting for the tenant of the request's API key (401 without one)."""
     state = gateway_state(request)
-    header = f"{credentials.scheme} {credentials.credentials}" if credentials is not None else None
-    tenant = state.keys.tenant(header)
+    tenant = state.keys.tenant(credentials.credentials if credentials is not None else None)
     if state.client is None:
         raise NotConnected("the gateway is not connected to NATS")
     return state.client.for_tenant(tenant)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
@@ -27,6 +27,8 @@ from control_plane.gateway.http import (
 from mnemos.client import Client
 from mnemos.errors import JobTimeout, ValidationFailed
 from mnemos.messages import (
+    JobStatus,
+    Runtime,
     JobList,
     JobRecord,
     JobSpec,
@@ -44,10 +46,6 @@ router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES)
 
 JobId = Annotated[str, Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$",
                             description="The job's id (a ULID)")]
-JobStatusName = Literal[
-    "queued", "acquired", "loading_model", "running", "streaming", "cancelling", "retrying",
-    "completed", "failed", "timeout", "cancelled",
-]
 
 #: Request examples shown in the OpenAPI document (they run against `make up`).
 JOB_SPEC_EXAMPLES: dict[str, Any] = {
@@ -125,7 +123,7 @@ async def submit_job(
 )
 async def list_jobs(
     client: Client = Depends(tenant_client),
-    status: Annotated[list[JobStatusName] | None, Query(description="Only these statuses (repeatable)")] = None,
+    status: Annotated[list[JobStatus] | None, Query(description="Only these statuses (repeatable)")] = None,
     model: Annotated[str | None, Query(max_length=160, description="`family:version` or an alias")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
@@ -270,7 +268,7 @@ def openai_model(model: ModelRecord) -> dict[str, Any]:
             responses={200: json_response_doc(_MODEL_LIST_SCHEMA, "Registered models")}, tags=["models"])
 async def list_models(
     client: Client = Depends(tenant_client),
-    runtime: Annotated[Literal["vllm", "transformers", "pytorch", "python"] | None, Query()] = None,
+    runtime: Annotated[Runtime | None, Query()] = None,
 ) -> Response:
     models = await client.models(runtime)
     return MsgspecResponse({"object": "list", "data": [openai_model(m) for m in models]})
@@ -287,7 +285,7 @@ async def get_model(name: Annotated[str, Path(min_length=1, max_length=160)],
             responses={200: json_response_doc(WorkerList, "Workers with a live heartbeat")}, tags=["workers"])
 async def list_workers(
     client: Client = Depends(tenant_client),
-    runtime: Annotated[Literal["vllm", "transformers", "pytorch", "python"] | None, Query()] = None,
+    runtime: Annotated[Runtime | None, Query()] = None,
 ) -> Response:
     workers = await client.workers(runtime)
     if client.tenant is not None:  # which jobs run where is not a tenant's business

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from control_plane.gateway.deps import GatewayState, gateway_state, tenant_client
 from control_plane.gateway.http import ERROR_RESPONSES, MsgspecResponse, to_builtins
 from mnemos.client import Client
+from mnemos.names import TEXT_RUNTIMES
 from mnemos.errors import ValidationFailed, WorkerLost, from_info
 from mnemos.messages import (
     TERMINAL_STATUSES,
@@ -37,7 +38,6 @@ __all__ = ["router", "CompletionRequest", "ChatCompletionRequest"]
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES, tags=["openai"])
 
-_TEXT_RUNTIMES = ("transformers", "vllm")
 _MAX_SEED = 2**63 - 1
 
 
@@ -192,9 +192,9 @@ async def chat_completions(
 async def _complete(client: Client, state: GatewayState, body: _Sampling, job_input: dict[str, Any],
                     kind: str) -> Response:
     model = await client.model(body.model)
-    if model.runtime not in _TEXT_RUNTIMES:
+    if model.runtime not in TEXT_RUNTIMES:
         raise ValidationFailed(f"model {model.name} runs on {model.runtime!r}; completions need a text model "
-                               f"({', '.join(_TEXT_RUNTIMES)})")
+                               f"({', '.join(TEXT_RUNTIMES)})")
     spec: JobSpec = decode(encode({
         "model": {"family": model.family, "version": model.version},
         "input": job_input,
