@@ -13,8 +13,22 @@ class ControlPlaneSettings(BaseSettings):
 
     #: Largest accepted request body; bigger ones get ``payload_too_large``.
     max_request_bytes: int = Field(default=512 * 1024, gt=0)
-    #: How many requests one process handles at once (beyond it, NATS buffers them).
+    #: How many requests one process works on at once; beyond it a request is shed at once
+    #: with ``unavailable`` and a retry hint (it is never left to pile up).
     max_in_flight: int = Field(default=2048, gt=0)
+    #: ``jobs.list`` requests served at once, and how many more may wait for a turn (beyond
+    #: both, a listing is shed).
+    max_lists_in_flight: int = Field(default=32, gt=0)
+    max_lists_waiting: int = Field(default=512, ge=0)
+    #: Most index entries one ``jobs.list`` looks at (a ``model`` filter may then answer a
+    #: short page with a ``next_cursor``).
+    list_max_scan: int = Field(default=10_000, gt=0)
+    #: An attempt still running this long after its job's ``timeout_seconds`` (its worker is
+    #: frozen or cannot stop it) is timed out by the control plane.
+    timeout_grace_s: float = Field(default=5.0, gt=0)
+    #: A ``cancelling`` job whose worker has not confirmed within this long is ``cancelled``
+    #: by the control plane.
+    cancel_confirm_s: float = Field(default=10.0, gt=0)
     #: Seconds to finish in-flight requests at shutdown.
     shutdown_timeout_s: float = Field(default=10.0, gt=0)
     #: A ``jobs.run`` job's record is written by the worker's claim; if no worker has claimed

@@ -16,7 +16,12 @@ log = logging.getLogger("mnemos.control_plane")
 async def serve(nats_settings: NatsSettings, settings: ControlPlaneSettings, stop: asyncio.Event) -> None:
     nc = await connect(nats_settings, "mnemos-control-plane")
     try:
-        async with ControlPlane(nc, nats_settings, settings):
-            await stop.wait()
+        async with ControlPlane(nc, nats_settings, settings) as cp:
+            stopping = asyncio.ensure_future(stop.wait())
+            failing = asyncio.ensure_future(cp.wait_failed())
+            await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            failing.cancel()
+            # A dead background loop: stop in order, then stop() re-raises it (exit non-zero).
     finally:
         await nc.drain()

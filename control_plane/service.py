@@ -24,14 +24,16 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from control_plane.admission import Admission
 from control_plane.backpressure import QueueDepth
 from control_plane.config import ControlPlaneSettings
 from control_plane.deferred import DeferredRecords
+from control_plane.index import JobIndex
 from control_plane.metrics import OK, ControlPlaneMetrics
-from control_plane.reaper import Reaper
+from control_plane.reaper import JobActions, Reaper, ReaperTimings
 from mnemos.catalog import ModelCatalog
 from mnemos.config import NatsSettings
-from mnemos.connection import unavailable_from
+from mnemos.connection import barrier, unavailable_from
 from mnemos.errors import (
     Conflict,
     Internal,
@@ -49,7 +51,6 @@ from mnemos.errors import (
 )
 from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
-from mnemos.kvscan import kv_values
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
 from mnemos.messages import (
@@ -72,7 +73,6 @@ from mnemos.messages import (
     decode_result,
     RetryJob,
     WorkerList,
-    WorkerRecord,
     decode,
     encode,
     encode_dispatch,
@@ -80,7 +80,8 @@ from mnemos.messages import (
     utcnow,
 )
 from mnemos.names import HDR_MSG_ID, HDR_TENANT, RUNTIMES, SERVICE_NAME, SERVICE_VERSION, TEXT_RUNTIMES
-from mnemos.runtime_config import parse_runtime_config
+from mnemos.runtime_config import job_runtime_config
+from mnemos.tasks import Supervisor
 
 __all__ = ["ControlPlane", "ENDPOINTS"]
 
@@ -123,11 +124,19 @@ class ControlPlane:
         self.publisher: Publisher | None = None
         self.deferred: DeferredRecords | None = None
         self.reaper: Reaper | None = None
+        self.index: JobIndex | None = None
         self.depth: QueueDepth | None = None
         self.metrics = ControlPlaneMetrics()
         self.metrics_server: MetricsServer | None = None
+        #: Every background loop of this process; one that dies sets ``supervisor.failed``.
+        self.supervisor = Supervisor("control-plane")
+        self.admission = Admission(
+            max_in_flight=settings.max_in_flight,
+            max_lists=settings.max_lists_in_flight,
+            max_lists_waiting=settings.max_lists_waiting,
+            max_waiters=settings.max_in_flight,
+        )
         self._tasks: set[asyncio.Task[None]] = set()
-        self._slots = asyncio.Semaphore(settings.max_in_flight)
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -157,8 +166,17 @@ class ControlPlane:
         self.depth = QueueDepth(self.nc, self.names, self.settings.max_queued_per_runtime,
                                 self.settings.queue_depth_refresh_s)
         await self.depth.refresh()
-        self.reaper = Reaper(self.layout.workers, self.jobs, self._dispatch, self._announce_final,
-                             self._drop_dispatch_message)
+        self.index = JobIndex(self.layout.jobs)
+        await self.index.open()
+        self.supervisor.spawn("job-index", self.index.follow())
+        self.reaper = Reaper(
+            self.nc, self.names, self.layout.workers, self.jobs, self.index,
+            JobActions(requeue=self._dispatch, announce=self._announce_final,
+                       drop_message=self._drop_dispatch_message, signal_cancel=self._signal_cancel),
+            ReaperTimings(timeout_grace_s=self.settings.timeout_grace_s,
+                          cancel_confirm_s=self.settings.cancel_confirm_s),
+            self.supervisor,
+        )
         await self.reaper.start()
         self.metrics.watch(self.depth, self.reaper)
         self.service = await add_service(
@@ -187,7 +205,7 @@ class ControlPlane:
                 handler=self._concurrent(handlers[endpoint], name),
                 metadata={"endpoint": endpoint},
             )
-        await self.nc.flush()
+        await barrier(self.nc)  # every endpoint is subscribed on the server when start() returns
         log.info("control plane serving %s.* (service id %s)", self.names.api_prefix, self.service.id)
 
     async def stop(self) -> None:
@@ -206,6 +224,7 @@ class ControlPlane:
             await self.reaper.stop()
         if self.deferred is not None:
             await self.deferred.stop()
+        await self.supervisor.stop()
         if self.catalog is not None:
             await self.catalog.stop()
         if self.depth is not None:
@@ -216,6 +235,13 @@ class ControlPlane:
         if metrics_server is not None:
             await metrics_server.close()
         log.info("control plane stopped")
+        self.supervisor.raise_if_failed()
+
+    async def wait_failed(self) -> BaseException:
+        """Return once a background loop of this process died (its error)."""
+        await self.supervisor.failed.wait()
+        assert self.supervisor.error is not None
+        return self.supervisor.error
 
     async def __aenter__(self) -> "ControlPlane":
         await self.start()
@@ -229,10 +255,16 @@ class ControlPlane:
     def _concurrent(
         self, fn: Callable[[Request], Awaitable[None]], endpoint: str
     ) -> Callable[[Request], Awaitable[None]]:
-        """Run each request in its own task (nats-py awaits handlers one by one otherwise)."""
+        """Run each request in its own task (nats-py awaits handlers one by one otherwise);
+        shed it at once, without waiting, when this process is at capacity."""
 
         async def handler(req: Request) -> None:
-            await self._slots.acquire()
+            try:
+                self.admission.admit()
+            except Unavailable as e:
+                await self._respond_error(req, e)
+                self.metrics.request(endpoint, e.code, 0.0)
+                return
             task = asyncio.create_task(self._serve(fn, req, endpoint))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -271,7 +303,7 @@ class ControlPlane:
             error = mapped or Internal(f"{type(e).__name__}: {e}")
             await self._respond_error(req, error)
         finally:
-            self._slots.release()
+            self.admission.release()
             elapsed_ns = time.perf_counter_ns() - started
             self._account(endpoint, elapsed_ns, error)
             self.metrics.request(endpoint, error.code if error is not None else OK, elapsed_ns / 1e9)
@@ -296,6 +328,12 @@ class ControlPlane:
         return self.jobs, self.catalog, self.layout
 
     @property
+    def _index(self) -> JobIndex:
+        if self.index is None:
+            raise Unavailable("control plane is not started")
+        return self.index
+
+    @property
     def _publisher(self) -> Publisher:
         if self.publisher is None:
             raise Unavailable("control plane is not started")
@@ -315,7 +353,8 @@ class ControlPlane:
         if created:
             return  # whoever finishes the job answers the reply subject stored in it
         if not record.terminal:  # the same idempotency key is running: answer when it ends
-            record = await self._wait_terminal(record.job_id, record.spec.timeout_seconds + 60.0)
+            async with self.admission.waiting():
+                record = await self._wait_terminal(record.job_id, record.spec.timeout_seconds + 60.0)
         await self._respond(req, record)
 
     async def _wait_terminal(self, job_id: str, timeout: float) -> JobRecord:
@@ -402,7 +441,7 @@ class ControlPlane:
                 f"model {model.name} is registered for runtime {model.runtime!r}, not {runtime!r}"
             )
         defaults = model.runtime_config if runtime == model.runtime else {}
-        parse_runtime_config(runtime, defaults, ref.runtime_config)
+        job_runtime_config(runtime, defaults, ref.runtime_config)
         if runtime in TEXT_RUNTIMES and (spec.input.prompt is None) == (spec.input.messages is None):
             raise ValidationFailed(f"runtime {runtime!r} needs exactly one of input.prompt and input.messages")
         now = utcnow()
@@ -470,6 +509,11 @@ class ControlPlane:
         except Exception as e:  # already acked and gone is the usual case
             log.debug("dispatch message %d not deleted: %r", seq, e)
 
+    async def _signal_cancel(self, job_id: str, reason: str) -> None:
+        """Tell whichever worker runs ``job_id`` to stop it (the reaper sends it again until
+        the cancellation is confirmed, and confirms it itself past ``cancel_confirm_s``)."""
+        await self.nc.publish(self.names.cancel_subject(job_id), encode(CancelJob(job_id=job_id, reason=reason)))
+
     async def _announce_final(self, record: JobRecord) -> None:
         """Final message on the result stream, and the answer to a waiting ``jobs.run``."""
         final = ResultFinal(
@@ -494,6 +538,8 @@ class ControlPlane:
         await self._respond(req, _visible(record, _tenant(req)))
 
     async def _list(self, req: Request) -> None:
+        """A page from the job index: bounded work whatever the bucket holds (the page's
+        records are read, nothing else)."""
         jobs, catalog, _ = self._ready()
         q = decode(req.data or b"{}", ListJobs)
         model: tuple[str, str] | None = None
@@ -502,37 +548,41 @@ class ControlPlane:
             if rec is None:
                 raise ModelNotFound(f"model {q.model!r} is not registered")
             model = (rec.family, rec.version)
-        statuses = set(q.status) if q.status else None
+        statuses: set[str] | None = set(q.status) if q.status else None
         tenant = _tenant(req)
-        matched: list[JobRecord] = []
-        async for record in jobs.scan():
-            if q.cursor is not None and record.job_id >= q.cursor:
-                continue
-            if tenant is not None and record.tenant != tenant:
-                continue
-            if statuses is not None and record.status not in statuses:
-                continue
-            if model is not None and (record.spec.model.family, record.spec.model.version) != model:
-                continue
-            matched.append(record)
-        matched.sort(key=lambda r: r.job_id, reverse=True)  # ULIDs: newest first
-        page = matched[: q.limit]
-        next_cursor = page[-1].job_id if len(matched) > q.limit else None
+        index = self._index
+        if not index.ready.is_set():
+            try:
+                await asyncio.wait_for(index.ready.wait(), timeout=5.0)
+            except TimeoutError:
+                raise Unavailable("the job index is still loading; retry shortly",
+                                  details={"retry_after_s": 1}) from None
+        async with self.admission.list_turn():
+            ids, next_cursor = index.page(tenant=tenant, statuses=statuses, model=model, cursor=q.cursor,
+                                          limit=q.limit, max_scan=self.settings.list_max_scan)
+            records = await asyncio.gather(*(self._read_listed(jobs, job_id) for job_id in ids))
+        page = [
+            r for r in records
+            if r is not None and (tenant is None or r.tenant == tenant)
+            and (statuses is None or r.status in statuses)
+            and (model is None or (r.spec.model.family, r.spec.model.version) == model)
+        ]
         await self._respond(req, JobList(jobs=page, next_cursor=next_cursor))
 
+    async def _read_listed(self, jobs: JobStore, job_id: str) -> JobRecord | None:
+        """A listed job's record; None (and out of the index) if it expired meanwhile."""
+        try:
+            return (await jobs.get(job_id))[0]
+        except JobNotFound:
+            self._index.forget(job_id)
+            return None
+
     async def _workers_list(self, req: Request) -> None:
-        _, _, layout = self._ready()
+        """The live workers as the reaper knows them (no read: heartbeats keep it current)."""
         q = decode(req.data or b"{}", ListWorkers)
-        workers: list[WorkerRecord] = []
-        async for _key, value, _rev in kv_values(layout.workers):
-            try:
-                worker = decode(value, WorkerRecord)
-            except ValidationFailed as e:
-                log.warning("skipping malformed worker record: %s", e)
-                continue
-            if q.runtime is None or q.runtime in worker.runtimes:
-                workers.append(worker)
-        workers.sort(key=lambda w: w.worker_id)
+        live = self.reaper.live.values() if self.reaper is not None else ()
+        workers = sorted((w for w in live if q.runtime is None or q.runtime in w.runtimes),
+                         key=lambda w: w.worker_id)
         await self._respond(req, WorkerList(workers=workers))
 
     async def _models_list(self, req: Request) -> None:
@@ -579,7 +629,7 @@ class ControlPlane:
                 await self._drop_dispatch_message(record.queued_seq)  # never to be pulled
             await self._announce_final(record)
         else:
-            await self.nc.publish(self.names.cancel_subject(record.job_id), encode(body))
+            await self._signal_cancel(record.job_id, reason)
         log.info("job %s %s: %s", record.job_id, record.status, reason)
         await self._respond(req, record)
 

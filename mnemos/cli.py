@@ -52,8 +52,12 @@ EXIT_OTHER = 10
 EXIT_BY_CODE: dict[str, int] = {
     "job_not_found": EXIT_NOT_FOUND,
     "model_not_found": EXIT_NOT_FOUND,
+    "unknown_function": EXIT_NOT_FOUND,
     "invalid_json": EXIT_INVALID,
+    "invalid_request": EXIT_INVALID,
+    "unsupported_media_type": EXIT_INVALID,
     "validation_error": EXIT_INVALID,
+    "override_refused": EXIT_INVALID,
     "payload_too_large": EXIT_INVALID,
     "unknown_model": EXIT_INVALID,
     "unknown_runtime": EXIT_INVALID,

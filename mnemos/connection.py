@@ -12,7 +12,7 @@ from nats.aio.client import Client as NATS
 from mnemos.config import NatsSettings
 from mnemos.errors import Unavailable
 
-__all__ = ["connect", "unavailable_from"]
+__all__ = ["connect", "unavailable_from", "barrier"]
 
 log = logging.getLogger("mnemos.nats")
 
@@ -34,6 +34,19 @@ def unavailable_from(e: BaseException) -> Unavailable | None:
     ):
         return Unavailable(f"JetStream is temporarily unavailable: {e}")
     return None
+
+
+async def barrier(nc: NATS, timeout: float = 10.0) -> None:
+    """Return once the server has processed everything ``nc`` sent so far (its
+    subscriptions above all: after this, requests from any client reach them).
+
+    ``nc.flush()`` alone is not that barrier in nats-py 2.16: it writes its PING straight to
+    the socket, ahead of commands still in the client's buffer, so its PONG can come back
+    before a SUB just made has reached the server (a request sent then gets "no
+    responders"). The buffer is written out first.
+    """
+    await nc._flush_pending(force_flush=True)  # noqa: SLF001 - the buffer nats-py's flush() skips
+    await nc.flush(timeout=int(max(1, timeout)))
 
 
 async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:

@@ -65,6 +65,8 @@ class EmbeddedNats:
     cluster_port: int | None = None
     routes: list[int] = field(default_factory=list)
     log_file: Path | None = None
+    #: Serve nats-server's monitoring endpoints (``/varz``, ``/connz``) on this loopback port.
+    http_port: int | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -80,6 +82,8 @@ class EmbeddedNats:
             f'  store_dir: "{self.store_dir}"',
             "}",
         ]
+        if self.http_port is not None:
+            lines.append(f'http: "127.0.0.1:{self.http_port}"')
         if self.cluster_name and self.cluster_port:
             routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self.routes)
             lines += [

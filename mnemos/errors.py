@@ -7,9 +7,11 @@ a message, and ``retryable``. On the wire an error is a micro error reply: heade
 into the matching exception class.
 
 ``status`` is the one table from error to status, used as the micro error code and as the
-HTTP status by the gateway: 400 malformed JSON, 401 no/unknown API key, 404 not found
-(job, model), 409 wrong state, 413 too large, 422 validation, 429 backpressure (with
-``Retry-After``), 503 unavailable, 504 timed out, 500 a job's own failure or a bug.
+HTTP status by the gateway: 400 malformed JSON or request header, 401 no/unknown API key,
+403 a job that tries to choose the code it runs, 404 not found (job, model, function),
+409 wrong state, 413 too large, 415 a body that is not JSON, 422 validation, 429
+backpressure, 503 unavailable or shed (both with ``Retry-After``), 504 timed out, 500 a
+job's own failure or a bug.
 """
 
 from __future__ import annotations
@@ -19,7 +21,11 @@ from typing import Any, ClassVar
 __all__ = [
     "MnemosError",
     "InvalidJSON",
+    "InvalidRequest",
+    "UnsupportedMediaType",
     "ValidationFailed",
+    "OverrideRefused",
+    "UnknownFunction",
     "PayloadTooLarge",
     "UnknownModel",
     "UnknownRuntime",
@@ -74,9 +80,39 @@ class InvalidJSON(MnemosError, ValueError):
     status = 400
 
 
+class InvalidRequest(MnemosError, ValueError):
+    """A request header or parameter that cannot be read at all (e.g. an out-of-range
+    ``Last-Event-ID``)."""
+
+    code = "invalid_request"
+    status = 400
+
+
+class UnsupportedMediaType(MnemosError, ValueError):
+    """A request body sent as something other than ``application/json``."""
+
+    code = "unsupported_media_type"
+    status = 415
+
+
 class ValidationFailed(MnemosError, ValueError):
     code = "validation_error"
     status = 422
+
+
+class OverrideRefused(MnemosError, PermissionError):
+    """A job tried to set what only the model's registration sets (its ``entrypoint``, load
+    settings...): what code runs is never the job's choice."""
+
+    code = "override_refused"
+    status = 403
+
+
+class UnknownFunction(MnemosError, LookupError):
+    """A job named a function its python model does not declare."""
+
+    code = "unknown_function"
+    status = 404
 
 
 class PayloadTooLarge(MnemosError, ValueError):
@@ -192,7 +228,11 @@ ERROR_CLASSES: dict[str, type[MnemosError]] = {
     cls.code: cls
     for cls in (
         InvalidJSON,
+        InvalidRequest,
+        UnsupportedMediaType,
         ValidationFailed,
+        OverrideRefused,
+        UnknownFunction,
         PayloadTooLarge,
         UnknownModel,
         UnknownRuntime,

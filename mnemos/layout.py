@@ -121,6 +121,9 @@ async def ensure_layout(
             # read right before a compare-and-set and after a write, so with replicas they
             # are read from the leader.
             direct=o.replicas == 1,
+            # A record that ages out leaves a marker, so watchers (the control plane's job
+            # index) see it go.
+            limit_marker_ttl=300.0,
         ),
     )
     workers = await _ensure_kv(

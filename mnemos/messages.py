@@ -20,6 +20,7 @@ from mnemos.names import RUNTIMES
 
 __all__ = [
     "JobStatus",
+    "MAX_STOP_CHARS",
     "TERMINAL_STATUSES",
     "ACTIVE_STATUSES",
     "RetryPolicy",
@@ -131,6 +132,12 @@ class RetryPolicy(_Strict, tag="io.mnemos.v1.retry_policy", tag_field="type"):
     retry_on_errors: list[str] | None = None
 
 
+#: Longest stop string a job may give (a longer one could never be matched by a bounded
+#: generation, and checking it on every token costs the worker).
+MAX_STOP_CHARS = 1000
+StopString = Annotated[str, Meta(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class GenerationParams(_Strict):
     """Sampling parameters for text runtimes (seed rules: temperature 0-2, max_tokens > 0)."""
 
@@ -138,7 +145,7 @@ class GenerationParams(_Strict):
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, Meta(ge=0)] | None = None
-    stop: list[Annotated[str, Meta(min_length=1)]] | None = None
+    stop: Annotated[list[StopString], Meta(max_length=16)] | None = None
     seed: int | None = None
 
 
@@ -439,7 +446,7 @@ class ListJobs(_Strict):
     model: str | None = None
     limit: Annotated[int, Meta(ge=1, le=1000)] = 50
     #: Opaque cursor from a previous page (``next_cursor``).
-    cursor: str | None = None
+    cursor: Annotated[str, Meta(max_length=64)] | None = None
 
 
 class JobList(_Strict, tag="io.mnemos.v1.job_list", tag_field="type"):

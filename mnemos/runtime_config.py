@@ -1,18 +1,21 @@
 """Per-runtime configuration (the NEURON seed's VLLMConfig / TransformersConfig / PyTorchConfig).
 
-A job's ``model.runtime_config`` is laid over the model's registered defaults and decoded
-strictly into the runtime's config type, on the control plane (to reject bad jobs at
-submit) and again on the worker (to run them).
+What code a job runs and how its model is loaded are fixed by the model's registered
+record, never by the job: a job's ``model.runtime_config`` may set only the fields its
+runtime's config lists in ``JOB_FIELDS`` (today one: ``function``, which picks among the
+functions a ``python`` model declares). :func:`job_runtime_config` is that rule, applied
+by the control plane at submit and again by the worker before it loads anything, so a
+dispatch message that did not come through the control plane gets no further.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
-from mnemos.errors import UnknownRuntime, ValidationFailed
+from mnemos.errors import OverrideRefused, UnknownFunction, UnknownRuntime, ValidationFailed
 
 __all__ = [
     "VLLMConfig",
@@ -22,11 +25,15 @@ __all__ = [
     "RuntimeConfig",
     "RUNTIME_CONFIGS",
     "parse_runtime_config",
+    "job_runtime_config",
 ]
+
+_IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
 class _Config(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
-    pass
+    #: Fields a job may set in its ``model.runtime_config``; every other field is the model's.
+    JOB_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
 
 class VLLMConfig(_Config, frozen=True):
@@ -71,17 +78,39 @@ class PyTorchConfig(_Config, frozen=True):
 
 
 class PythonConfig(_Config, frozen=True):
-    """``entrypoint`` is ``module:function`` (importable) or ``file.py:function`` (in the model dir)."""
+    """``entrypoint`` is ``module:function`` (importable) or ``file.py:function`` (in the model dir).
+
+    ``functions`` declares the other functions of the entrypoint's module that jobs may call
+    by name (``function``); the entrypoint's own function is always callable. Both are set
+    when the model is registered; a job can only pick one of them.
+    """
+
+    JOB_FIELDS: ClassVar[frozenset[str]] = frozenset({"function"})
 
     entrypoint: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_./-]+:[A-Za-z_][A-Za-z0-9_]*$")]
-    #: Run another function of the same module (a job's override of the entrypoint's name).
-    function: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")] | None = None
+    #: Names (in the entrypoint's module) a job may call besides the entrypoint's function.
+    functions: Annotated[list[Annotated[str, Meta(pattern=_IDENTIFIER)]], Meta(max_length=256)] = []
+    #: The function this job calls (one of :attr:`callable_names`); None: the entrypoint's.
+    function: Annotated[str, Meta(pattern=_IDENTIFIER)] | None = None
     #: Run a plain (sync) function in a thread so it cannot block the worker.
     threaded: bool = True
 
+    def __post_init__(self) -> None:
+        if self.function is not None and self.function not in self.callable_names:
+            raise UnknownFunction(
+                f"function {self.function!r} is not declared by the model; it declares: "
+                f"{', '.join(sorted(self.callable_names))}",
+                details={"function": self.function, "declared": sorted(self.callable_names)},
+            )
+
+    @property
+    def callable_names(self) -> frozenset[str]:
+        """Every function a job may call: the entrypoint's and the declared ``functions``."""
+        return frozenset({self.entrypoint.rpartition(":")[2], *self.functions})
+
     @property
     def target(self) -> str:
-        """``module:function`` actually called (``function`` overrides the entrypoint's)."""
+        """``module:function`` actually called (``function`` picks a declared one)."""
         module, _, name = self.entrypoint.rpartition(":")
         return f"{module}:{self.function or name}"
 
@@ -106,5 +135,27 @@ def parse_runtime_config(runtime: str, *layers: dict[str, Any]) -> Any:
         merged.update(layer)
     try:
         return msgspec.convert(merged, type=cls)
+    except UnknownFunction:
+        raise
     except (msgspec.ValidationError, ValueError) as e:
         raise ValidationFailed(f"invalid runtime_config for {runtime}: {e}") from e
+
+
+def job_runtime_config(runtime: str, registered: dict[str, Any], job: dict[str, Any]) -> Any:
+    """The config a job runs with: the model's ``registered`` config with the job's own
+    ``runtime_config`` laid over it, where the job may set only its runtime's
+    ``JOB_FIELDS``. Anything else (an ``entrypoint``, a device, ``trust_remote_code``...)
+    raises :class:`~mnemos.errors.OverrideRefused`; a ``function`` the model does not
+    declare raises :class:`~mnemos.errors.UnknownFunction`."""
+    cls = RUNTIME_CONFIGS.get(runtime)
+    if cls is None:
+        raise UnknownRuntime(f"unknown runtime {runtime!r}; known: {sorted(RUNTIME_CONFIGS)}")
+    refused = sorted(set(job) - cls.JOB_FIELDS)
+    if refused:
+        allowed = ", ".join(sorted(cls.JOB_FIELDS)) or "nothing"
+        raise OverrideRefused(
+            f"a job may not set {', '.join(refused)} in model.runtime_config: what code runs and how the "
+            f"model loads are fixed by its registration (a {runtime} job may set: {allowed})",
+            details={"refused": refused, "allowed": sorted(cls.JOB_FIELDS)},
+        )
+    return parse_runtime_config(runtime, registered, job)

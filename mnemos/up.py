@@ -22,9 +22,38 @@ from pathlib import Path
 from mnemos.config import NatsSettings
 from mnemos.embedded import EmbeddedNats, die_with_parent
 
-__all__ = ["UpOptions", "LocalStack", "run_up", "ensure_demo"]
+__all__ = ["UpOptions", "LocalStack", "run_up", "ensure_demo", "child_env"]
 
 log = logging.getLogger("mnemos.up")
+
+#: Settings every role reads: where NATS is, the namespace, replicas, logging.
+_SHARED_SETTINGS = ("MNEMOS_NATS_", "MNEMOS_NAMESPACE", "MNEMOS_REPLICAS", "MNEMOS_LOG_")
+#: The settings (and credentials) of each role; no role is given another's.
+_ROLE_SETTINGS: dict[str, tuple[str, ...]] = {
+    "control-plane": ("MNEMOS_CP_",),
+    # Workers download S3-stored models, so they get the artifact store's settings.
+    "worker": ("MNEMOS_WORKER_", "MNEMOS_ARTIFACT_STORE", "MNEMOS_S3_", "MNEMOS_UPLOAD_CHUNK_BYTES", "AWS_"),
+    "gateway": ("MNEMOS_GATEWAY_",),
+}
+#: What any process needs to run (paths, locale, Python, the ML libraries' caches and
+#: devices); nothing else of the caller's environment (tokens, keys) reaches a child.
+_PROCESS_ENV = (
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_", "TZ", "TERM", "TMPDIR", "XDG_", "PYTHON",
+    "VIRTUAL_ENV", "SSL_CERT_", "REQUESTS_CA_BUNDLE", "CUDA_", "NVIDIA_", "LD_LIBRARY_PATH", "HF_",
+    "TRANSFORMERS_", "TORCH", "OMP_", "MKL_", "TOKENIZERS_", "VLLM_",
+)
+
+
+def child_env(role: str, environ: dict[str, str], passthrough: tuple[str, ...] = ()) -> dict[str, str]:
+    """The environment ``mnemos up`` gives a child of ``role``: the process basics, the
+    shared settings and that role's own settings, plus the variables named in
+    ``passthrough`` (``MNEMOS_UP_PASS_ENV``, for workers only). A worker runs user code, so
+    it must never see the gateway's API keys or anything else it does not need."""
+    allowed = _PROCESS_ENV + _SHARED_SETTINGS + _ROLE_SETTINGS[role]
+    return {
+        k: v for k, v in environ.items()
+        if k.startswith(allowed) or (role == "worker" and k in passthrough)
+    }
 
 
 @dataclass
@@ -76,6 +105,7 @@ async def ensure_demo(settings: NatsSettings, data_dir: Path) -> list[str]:
     from mnemos.errors import ModelNotFound
     from registry import Registry, RegistrySettings
     from registry.demo import (
+        DEMO_FUNCTIONS_CONFIG,
         DEMO_FUNCTIONS_FAMILY,
         DEMO_FUNCTIONS_VERSION,
         DEMO_MODEL_FAMILY,
@@ -92,19 +122,22 @@ async def ensure_demo(settings: NatsSettings, data_dir: Path) -> list[str]:
             (DEMO_MODEL_FAMILY, DEMO_MODEL_VERSION, "transformers", build_demo_model, {},
              "Tiny random GPT-2 (demo): real tokenizer and generate, nonsense text"),
             (DEMO_FUNCTIONS_FAMILY, DEMO_FUNCTIONS_VERSION, "python", build_demo_functions,
-             {"entrypoint": "functions.py:echo"}, "Demo Python functions: echo, add, noop, sleep, fail, ..."),
+             DEMO_FUNCTIONS_CONFIG, "Demo Python functions: echo, add, noop, sleep, fail, ..."),
         ]
         names = []
         for family, version, runtime, build, config, description in demos:
             names.append(f"{family}:{version}")
             try:
-                await registry.get(f"{family}:{version}")
-                continue
+                existing = await registry.get(f"{family}:{version}")
+                if existing.runtime_config == config:
+                    continue
+                # Registered by an earlier release with another config (e.g. before python
+                # models declared their functions): register it as this release has it.
             except ModelNotFound:
-                pass
+                existing = None
             src = build(data_dir / "demo" / f"{family}-{version}")
             await registry.push(src, family=family, version=version, runtime=runtime, runtime_config=config,
-                                description=description)
+                                description=description, force=existing is not None)
             log.info("registered demo %s:%s", family, version)
         return names
     finally:
@@ -169,18 +202,23 @@ class LocalStack:
             "PYTHONUNBUFFERED": "1",
         })
         env.update(options.extra_env)
+        passthrough = tuple(v.strip() for v in env.get("MNEMOS_UP_PASS_ENV", "").split(",") if v.strip())
         mnemos = [sys.executable, "-m", "mnemos"]
-        self.children = [_Child("control-plane", [*mnemos, "control-plane"], env, self.logs / "control-plane.log")]
+        self.children = [_Child("control-plane", [*mnemos, "control-plane"], child_env("control-plane", env),
+                                self.logs / "control-plane.log")]
+        worker_env = child_env("worker", env, passthrough)
         worker_metrics = int(env.get("MNEMOS_WORKER_METRICS_PORT", "9092"))
         for i in range(options.workers):
             # One metrics port each (9092, 9093, ...); 0 (any free port) and -1 (off) as given.
             port = worker_metrics + i if worker_metrics > 0 else worker_metrics
-            worker_env = {**env, "MNEMOS_WORKER_METRICS_PORT": str(port)}
-            self.children.append(_Child(f"worker-{i}", [*mnemos, "worker"], worker_env, self.logs / f"worker-{i}.log"))
+            self.children.append(_Child(f"worker-{i}", [*mnemos, "worker"],
+                                        {**worker_env, "MNEMOS_WORKER_METRICS_PORT": str(port)},
+                                        self.logs / f"worker-{i}.log"))
         self.gateway_url: str | None = None
         if options.gateway_port:
             self.gateway_url = f"http://127.0.0.1:{options.gateway_port}"
-            gateway_env = {**env, "MNEMOS_GATEWAY_HOST": "127.0.0.1", "MNEMOS_GATEWAY_PORT": str(options.gateway_port)}
+            gateway_env = {**child_env("gateway", env), "MNEMOS_GATEWAY_HOST": "127.0.0.1",
+                           "MNEMOS_GATEWAY_PORT": str(options.gateway_port)}
             # Last: stopped first, so no request arrives while the others stop.
             self.children.append(_Child("gateway", [*mnemos, "gateway"], gateway_env, self.logs / "gateway.log"))
         self.models: list[str] = []

@@ -30,6 +30,7 @@ from mnemos.errors import (
     WorkerLost,
 )
 from mnemos.jobstore import JobStore
+from mnemos.lifecycle import final_status
 from mnemos.messages import (
     ACTIVE_STATUSES,
     Attempt,
@@ -203,7 +204,7 @@ class Executor:
                 # Queued again (we were presumed dead): not ours to absorb; let it come back
                 # once this stale execution is gone, here or elsewhere.
                 await msg.nak(delay=0.2)
-                self._ring_when_ready(dispatch.record.runtime, dispatch.record.spec.priority, 0.2)
+                self.ring_when_ready(dispatch.record.runtime, dispatch.record.spec.priority, 0.2)
             return
         ex = Execution(msg=msg, record=dispatch.record, revision=dispatch.revision,
                        generation=dispatch.record.dispatch)
@@ -261,7 +262,7 @@ class Executor:
         try:
             async with self.pool.use(key) as (model, info):
                 cache_hit, load_ms, disk_hit = info.hit, info.load_ms, info.disk_hit
-                if not info.hit:
+                if ex.record.status == "loading_model":  # also when another job did the loading
                     await self._write(ex, lambda r: self._phase(r, "running"))
                     await self._publish_status(ex, "running")
                 if ex.record.status == "cancelling":
@@ -492,14 +493,18 @@ class Executor:
         lost_race = False
 
         def finish(rec: JobRecord) -> JobRecord | None:
-            nonlocal lost_race
+            nonlocal lost_race, retry_in
             if not self._mine(rec, attempt):
                 lost_race = True
                 return None
-            final = "retrying" if retry_in is not None else status
-            if status == "cancelled" and rec.status == "cancelling" and rec.error is not None:
-                current_error: ErrorInfo | None = rec.error  # the canceller's reason
+            if rec.status == "cancelling":
+                # Cancelled before this finish was recorded: cancelled it is, whatever the run
+                # did, and never retried.
+                retry_in = None
+                final = final_status(rec.status, status)
+                current_error: ErrorInfo | None = rec.error or error
             else:
+                final = "retrying" if retry_in is not None else status
                 current_error = error
             rec.status = final  # type: ignore[assignment]
             rec.output = output
@@ -508,9 +513,9 @@ class Executor:
             timings.total_ms = round((now - rec.created_at).total_seconds() * 1000.0, 3)
             current = rec.attempts[-1]
             current.ended_at = now
-            current.outcome = status
+            current.outcome = final if final == "cancelled" else status
             current.error = current_error
-            current.phases.append(Phase(name=status, at=now))
+            current.phases.append(Phase(name=current.outcome, at=now))
             return rec
 
         await self._write(ex, finish)
@@ -532,7 +537,7 @@ class Executor:
         await self._announce(ex)
         if retry_in is not None:
             await ex.msg.nak(delay=retry_in)
-            self._ring_when_ready(record.runtime, record.spec.priority, retry_in)
+            self.ring_when_ready(record.runtime, record.spec.priority, retry_in)
             return
         if record.status == "completed":
             self.completed += 1
@@ -544,7 +549,7 @@ class Executor:
         if self.on_finished is not None:
             self.on_finished(record)
 
-    def _ring_when_ready(self, runtime: str, priority: int, delay: float) -> None:
+    def ring_when_ready(self, runtime: str, priority: int, delay: float) -> None:
         """A nak'ed job comes back without a publish; ring idle workers' doorbells then."""
         subject = self.names.ready_subject(runtime, priority)
 

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 from mnemos.catalog import ModelCatalog
 from mnemos.errors import MnemosError, ModelLoadError
 from mnemos.names import model_name
-from mnemos.runtime_config import parse_runtime_config
+from mnemos.runtime_config import job_runtime_config
 from neuron_runtime.cache import DiskCache
 from neuron_runtime.runtimes.base import LoadedModel, Runtime
 
@@ -63,6 +63,7 @@ class ModelPool:
         max_models: int = 2,
         memory_budget_bytes: int | None = None,
         load_timeout_s: float = 600.0,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.runtimes = runtimes
         self.disk = disk
@@ -72,6 +73,8 @@ class ModelPool:
         self.load_timeout_s = load_timeout_s
         self._loaded: OrderedDict[PoolKey, _Entry] = OrderedDict()
         self._locks: dict[PoolKey, asyncio.Lock] = {}
+        #: Called when the set of loaded models changed (the worker re-advertises it).
+        self.on_change = on_change
         self.hits = 0
         self.misses = 0
 
@@ -114,7 +117,7 @@ class ModelPool:
                 raise ModelLoadError(f"this worker has no {runtime_name} runtime", retryable=True)
             record = await self.catalog.get(family, version)
             defaults = record.runtime_config if record.runtime == runtime_name else {}
-            config = parse_runtime_config(runtime_name, defaults, json.loads(overrides_json))
+            config = job_runtime_config(runtime_name, defaults, json.loads(overrides_json))
             started = time.perf_counter()
             try:
                 async with self.disk.checkout(record) as cached:
@@ -138,6 +141,8 @@ class ModelPool:
             log.info("loaded %s on %s in %.0f ms (disk cache %s)", entry.name, runtime_name, load_ms,
                      "hit" if disk_hit else "miss")
             await self._evict(keep=key)
+            if self.on_change is not None:
+                self.on_change()
             return entry, LoadInfo(hit=False, load_ms=load_ms, disk_hit=disk_hit)
 
     def _over_budget(self) -> bool:

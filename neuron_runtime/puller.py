@@ -36,6 +36,7 @@ from nats.aio.subscription import Subscription
 from nats.js import api as jsapi
 from nats.js.errors import BadRequestError
 
+from mnemos.connection import barrier
 from mnemos.names import PRIORITIES, Names
 
 __all__ = ["PriorityPuller", "Doorbell"]
@@ -116,7 +117,7 @@ class PriorityPuller:
         for runtime in self.runtimes:
             for subject in (self.names.dispatch_filter(runtime), self.names.ready_filter(runtime)):
                 self._subs.append(await self.nc.subscribe(subject, cb=self._on_doorbell))
-        await self.nc.flush()
+        await barrier(self.nc)
 
     async def stop(self) -> None:
         subs, self._subs = self._subs, []

@@ -27,7 +27,7 @@ from mnemos.jobstore import JobStore
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.messages import ErrorReply, JobRecord, WorkerCommand, WorkerRecord, decode, encode, utcnow
 from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
-from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE
+from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE, Names
 from mnemos.tasks import cancel_and_wait
 from neuron_runtime.cache import DiskCache
 from neuron_runtime.config import WorkerSettings
@@ -92,6 +92,7 @@ class Worker:
         self._slot_freed = asyncio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
         self._background: dict[str, asyncio.Task[None]] = {}
+        self._heartbeat_now: asyncio.Task[None] | None = None
         self._subs: list[Subscription] = []
         self._fatal: BaseException | None = None
         self._started = False
@@ -144,6 +145,7 @@ class Worker:
             max_models=s.max_loaded_models,
             memory_budget_bytes=int(s.model_memory_budget_mb * 2**20) if s.model_memory_budget_mb else None,
             load_timeout_s=s.model_load_timeout_s,
+            on_change=self._heartbeat_soon,
         )
         self.publisher = Publisher(self.nc)
         await self.publisher.start()
@@ -199,6 +201,7 @@ class Worker:
                 await self.executor.hand_back(ex)
         for name in list(self._background):
             await self._cancel_background(name)
+        await cancel_and_wait(self._heartbeat_now)
         for sub in self._subs:
             await sub.unsubscribe()
         self._subs.clear()
@@ -288,8 +291,17 @@ class Worker:
                 puller.resync()
 
     def _on_message(self, msg: Msg) -> None:
-        if self._draining or self.executor is None:
+        if self._draining or self._paused or self.executor is None:
+            # Not ours to take: a paused worker takes no job once it has answered ``pause``,
+            # even one its last pull request brings in afterwards. The job goes back at once,
+            # and idle workers are rung for it (a nak'ed message comes back without a publish).
             self._spawn_job(msg.nak())
+            if self.executor is not None:
+                try:
+                    runtime, priority = Names.parse_dispatch_subject(msg.subject)
+                    self.executor.ring_when_ready(runtime, priority, 0.01)
+                except (IndexError, ValueError):
+                    pass
             return
         self._active += 1
         if self._status == "idle":
@@ -394,6 +406,13 @@ class Worker:
             jobs_completed=ex.completed if ex else 0,
             jobs_failed=ex.failed if ex else 0,
         )
+
+    def _heartbeat_soon(self) -> None:
+        """Advertise a change (a model loaded or evicted) now rather than at the next beat."""
+        task = self._heartbeat_now
+        if self._started and not self._stopped and (task is None or task.done()):
+            # _heartbeat logs its own failures and never raises.
+            self._heartbeat_now = asyncio.create_task(self._heartbeat(), name=f"{self.worker_id}-heartbeat-now")
 
     async def _heartbeat(self) -> None:
         """Publish the record on the heartbeat subject and refresh its expiring KV entry."""

@@ -21,6 +21,7 @@ __all__ = [
     "DEMO_MODEL_VERSION",
     "DEMO_FUNCTIONS_FAMILY",
     "DEMO_FUNCTIONS_VERSION",
+    "DEMO_FUNCTIONS_CONFIG",
     "DEMO_TORCHSCRIPT_FAMILY",
     "DEMO_TORCHSCRIPT_VERSION",
     "DEMO_SEED",
@@ -36,6 +37,11 @@ DEMO_MODEL_FAMILY = "demo-gpt2"
 DEMO_MODEL_VERSION = "v1"
 DEMO_FUNCTIONS_FAMILY = "demo-fn"
 DEMO_FUNCTIONS_VERSION = "v1"
+#: How ``demo-fn:v1`` is registered: its entrypoint and the functions jobs may call by name.
+DEMO_FUNCTIONS_CONFIG: dict[str, Any] = {
+    "entrypoint": "functions.py:echo",
+    "functions": ["echo", "noop", "add", "sleep", "fail", "stream_words", "count", "flaky"],
+}
 DEMO_TORCHSCRIPT_FAMILY = "demo-linear"
 DEMO_TORCHSCRIPT_VERSION = "v1"
 DEMO_SEED = 1234

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,7 +22,7 @@ import pytest
 from nats.aio.client import Client as NATS
 
 from mnemos.config import NatsSettings
-from mnemos.embedded import EmbeddedNats, free_port
+from mnemos.embedded import EmbeddedNats, die_with_parent, free_port
 from mnemos.layout import Layout, ensure_layout
 from mnemos.names import Names
 
@@ -58,7 +61,7 @@ async def assert_eventually(
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedNats]:
     store = tmp_path_factory.mktemp("jetstream")
-    server = EmbeddedNats(store_dir=store, port=free_port(), log_file=store / "nats.log")
+    server = EmbeddedNats(store_dir=store, port=free_port(), log_file=store / "nats.log", http_port=free_port())
     server.start()
     yield server
     server.stop()
@@ -163,9 +166,10 @@ async def registry(nc: NATS, names: Names, layout: Layout) -> Any:
 @pytest.fixture
 async def demo_fn(registry: Any, demo_functions_dir: Path) -> Any:
     """The demo functions registered as ``demo-fn:v1`` (python runtime)."""
+    from registry.demo import DEMO_FUNCTIONS_CONFIG
+
     return await registry.push(
-        demo_functions_dir, family="demo-fn", version="v1", runtime="python",
-        runtime_config={"entrypoint": "functions.py:echo"},
+        demo_functions_dir, family="demo-fn", version="v1", runtime="python", runtime_config=DEMO_FUNCTIONS_CONFIG,
     )
 
 
@@ -246,3 +250,27 @@ async def start_gateway(nats_settings: NatsSettings, layout: Layout) -> AsyncIte
     yield start
     for server in servers:
         await _bounded(server.stop(), "gateway stop")
+
+
+@pytest.fixture
+def worker_process(nats_settings, tmp_path: Path) -> Iterator:
+    """Start `mnemos worker` processes (python runtime only, 1 s heartbeats); killed at teardown."""
+    procs: list[subprocess.Popen] = []
+
+    def start(worker_id: str, **env: str) -> subprocess.Popen:
+        e = dict(os.environ, MNEMOS_NATS_URL=nats_settings.nats_url, MNEMOS_NAMESPACE=nats_settings.namespace,
+                 MNEMOS_WORKER_ID=worker_id, MNEMOS_WORKER_RUNTIMES="python",
+                 MNEMOS_WORKER_HEARTBEAT_INTERVAL_S="1", MNEMOS_WORKER_CACHE_DIR=str(tmp_path / worker_id),
+                 MNEMOS_LOG_LEVEL="INFO")
+        e.update(env)
+        log = open(tmp_path / f"{worker_id}.log", "wb")
+        proc = subprocess.Popen([sys.executable, "-m", "mnemos", "worker"], env=e, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -161,8 +161,11 @@ async def test_events_stream_and_resume(stack: str, http: httpx.AsyncClient) -> 
         replay = await read_events(http, url, headers={"Last-Event-ID": stream_events[k]["id"]})
         assert replay == stream_events[k + 1:]
 
-    r = await http.get(url, headers={"Last-Event-ID": "not-a-number"})
-    assert r.status_code == 422 and r.json()["error"]["code"] == "validation_error"
+    for bad in ("not-a-number", "18446744073709551615", "99999999999999999999999", "-1", "²".encode("latin-1"), "1e3"):
+        r = await http.get(url, headers={"Last-Event-ID": bad})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_request", (bad, r.text)
+    r = await http.get(url, headers={"Last-Event-ID": "18446744073709551614"})  # the largest: nothing after it
+    assert r.status_code == 200
     r = await http.get(f"{stack}/v1/jobs/01JNOSUCHJOB00000000000000/events")
     assert r.status_code == 404 and r.json()["error"]["code"] == "job_not_found"
 

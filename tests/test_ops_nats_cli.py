@@ -66,6 +66,7 @@ from nats.aio.msg import Msg
 from nats.js import api as jsapi
 
 from control_plane.service import ENDPOINTS
+from mnemos.connection import barrier
 from mnemos.client import job_spec
 from mnemos.config import NatsSettings
 from mnemos.messages import (
@@ -383,7 +384,7 @@ class NatsCli:
             s = await self.js.subscribe(subject, ordered_consumer=True, deliver_policy=jsapi.DeliverPolicy.ALL)
         else:
             s = await self.nc.subscribe(subject)
-            await self.nc.flush()
+            await barrier(self.nc)
         try:
             yield s
         finally:

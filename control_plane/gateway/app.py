@@ -128,13 +128,15 @@ def _ops_routes(app: FastAPI) -> None:
         return Response(body, headers={"Content-Type": content_type})
 
 
-class _TooLarge(Exception):
-    pass
-
-
 class BodyLimit:
-    """413 ``payload_too_large`` for a body over ``max_bytes``, declared or streamed (ASGI
-    middleware: it counts the bytes as they arrive, so a chunked upload cannot get around it)."""
+    """413 ``payload_too_large`` for a body over ``max_bytes``, declared or streamed.
+
+    An ASGI middleware that reads the whole body (bounded by ``max_bytes``) before the app
+    sees the request: an oversized body, chunked or not, is answered 413 without the app
+    ever running, so no route can turn it into another error; a client that goes away
+    mid-body gets no answer and leaves nothing in the log. The app then reads the body
+    from memory, and later ``receive`` calls (a disconnect during a stream) pass through.
+    """
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
@@ -148,28 +150,30 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, receive, send)
             return
+        chunks: list[bytes] = []
         seen = 0
-        started = False
-
-        async def limited() -> Message:
-            nonlocal seen
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def tracking(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited, tracking)
-        except _TooLarge:
-            if not started:
+            if message["type"] == "http.disconnect":
+                return  # gone before its body arrived: nobody to answer
+            body = message.get("body", b"")
+            seen += len(body)
+            if seen > self.max_bytes:
                 await self._reject(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        buffered: Message | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        async def replay() -> Message:
+            nonlocal buffered
+            if buffered is not None:
+                message, buffered = buffered, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
 
     async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
         err = PayloadTooLarge(f"request body is larger than {self.max_bytes} bytes")

@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from mnemos.errors import Internal, MnemosError, ValidationFailed
+from mnemos.errors import Internal, MnemosError, UnsupportedMediaType, ValidationFailed
 from mnemos.messages import (
     ErrorInfo,
     ErrorReply,
@@ -40,6 +40,7 @@ __all__ = [
     "error_response",
     "install_error_handlers",
     "read_body",
+    "require_json",
     "schema_ref",
     "json_response_doc",
     "ERROR_RESPONSES",
@@ -85,8 +86,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "Malformed JSON (`invalid_json`)",
         401: "Missing or unknown API key (`unauthorized`)",
-        404: "Not found (`job_not_found`, `model_not_found`, `unknown_model`); also another tenant's job",
+        403: "A job that tries to choose the code it runs (`override_refused`)",
+        404: "Not found (`job_not_found`, `model_not_found`, `unknown_model`, `unknown_function`); "
+             "also another tenant's job",
         413: "Request body too large (`payload_too_large`)",
+        415: "The body is not sent as `application/json` (`unsupported_media_type`)",
         422: "Validation failed (`validation_error`, `unknown_runtime`)",
         429: "Backpressure (`queue_full`); see `Retry-After`",
         503: "The control plane or NATS is unavailable (`unavailable`); see `Retry-After`",
@@ -113,6 +117,18 @@ def error_response(info: ErrorInfo, status: int, retry_after_s: int | None = Non
     if retry_after_s is not None and status in (429, 503):
         headers["Retry-After"] = str(retry_after_s)
     return MsgspecResponse(ErrorReply(error=info), status_code=status, headers=headers)
+
+
+def require_json(request: Request) -> None:
+    """A route dependency: the body must be declared ``application/json`` (or ``*/*+json``);
+    anything else, or no ``Content-Type`` at all, is 415 ``unsupported_media_type``. A
+    JSON body is never guessed from a form or plain text."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise UnsupportedMediaType(
+            f"send the body as application/json (Content-Type was {media or 'not set'})",
+            details={"content_type": media or None},
+        )
 
 
 async def read_body(request: Request, t: type[Any]) -> Any:

@@ -21,11 +21,12 @@ from control_plane.gateway.http import (
     MsgspecResponse,
     json_response_doc,
     read_body,
+    require_json,
     schema_ref,
     to_builtins,
 )
 from mnemos.client import Client
-from mnemos.errors import JobTimeout, ValidationFailed
+from mnemos.errors import InvalidRequest, JobTimeout, ValidationFailed
 from mnemos.messages import (
     JobStatus,
     Runtime,
@@ -94,6 +95,7 @@ def _record(record: JobRecord, status_code: int = 200) -> Response:
                200: {**_RECORD_DOC, "description": "Finished within `wait`", "links": _JOB_LINKS}},
     tags=["jobs"],
     operation_id="submitJob",
+    dependencies=[Depends(require_json)],
 )
 async def submit_job(
     request: Request,
@@ -184,17 +186,28 @@ async def job_events(
     job_id: JobId,
     client: Client = Depends(tenant_client),
     state: GatewayState = Depends(gateway_state),
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", max_length=20)] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> Response:
-    after: int | None = None
-    if last_event_id is not None:
-        if not last_event_id.isdigit():
-            raise ValidationFailed("Last-Event-ID must be an event id sent by this stream (a number)")
-        after = int(last_event_id)
+    after = None if last_event_id is None else _event_id(last_event_id)
     record = await client.get(job_id)  # 404 (or another tenant's job) before the stream starts
     events = _job_events(client, record, after, state)
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+#: Stream sequences are unsigned 64-bit; the one after an id must be one too.
+_MAX_EVENT_ID = 2**64 - 2
+
+
+def _event_id(value: str) -> int:
+    """A ``Last-Event-ID``: an event id this stream sent (a stream sequence), else 400."""
+    text = value.strip()
+    if not (text.isascii() and text.isdigit()) or len(text) > 20 or int(text) > _MAX_EVENT_ID:
+        raise InvalidRequest(
+            f"Last-Event-ID must be an event id sent by this stream (0-{_MAX_EVENT_ID}), got {value[:40]!r}",
+            details={"header": "Last-Event-ID"},
+        )
+    return int(text)
 
 
 def _sse(event: str, data: bytes, event_id: int | None = None) -> bytes:

@@ -4,9 +4,11 @@ A request becomes one MNEMOS job on the named model (``family:version`` or an al
 ``jobs.run`` when not streaming, ``jobs.submit`` plus the job's result stream when
 ``stream`` is true (``data:`` chunks, then ``data: [DONE]``). Chat messages are rendered by
 the worker with the model's own chat template. Unset ``temperature`` means 1.0, as in
-OpenAI's API. Parameters MNEMOS cannot honour (``n`` > 1, penalties, logprobs, tools...)
-are refused with 422 rather than silently ignored. A client that disconnects from a
-stream cancels its job.
+OpenAI's API. Bodies are read strictly: ``"stream": "yes"`` is not a boolean, an unknown
+field is an error, and parameters MNEMOS cannot honour (``n`` > 1, penalties, logprobs,
+tools, ``response_format``...) are refused with 422 rather than silently ignored; only
+OpenAI's bookkeeping fields (``user``, ``metadata``, ``store``...) are accepted and
+ignored. A client that disconnects from a stream cancels its job.
 """
 
 from __future__ import annotations
@@ -19,11 +21,12 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from control_plane.gateway.deps import GatewayState, gateway_state, tenant_client
-from control_plane.gateway.http import ERROR_RESPONSES, MsgspecResponse, to_builtins
+from control_plane.gateway.http import ERROR_RESPONSES, MsgspecResponse, require_json, to_builtins
 from mnemos.client import Client
 from mnemos.names import TEXT_RUNTIMES
 from mnemos.errors import ValidationFailed, WorkerLost, from_info
 from mnemos.messages import (
+    MAX_STOP_CHARS,
     TERMINAL_STATUSES,
     JobOutput,
     JobRecord,
@@ -36,31 +39,45 @@ from mnemos.messages import (
 
 __all__ = ["router", "CompletionRequest", "ChatCompletionRequest"]
 
-router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES, tags=["openai"])
+router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES, tags=["openai"], dependencies=[Depends(require_json)])
 
 _MAX_SEED = 2**63 - 1
 
 
+#: Strict JSON types (no "yes" for a boolean, no "1" for a number) and no unknown fields.
+_STRICT = ConfigDict(strict=True, extra="forbid")
+
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
+
+
 class StreamOptions(BaseModel):
+    model_config = _STRICT
+
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
-    # OpenAI clients send fields MNEMOS does not use (user, metadata, store...): ignored. The
-    # ones that would change the result are checked in _supported().
-    model_config = ConfigDict(extra="ignore")
+    # Fields that would change the result and that MNEMOS cannot honour are checked in
+    # _supported(); OpenAI's bookkeeping fields (user, metadata, store...) are accepted and
+    # ignored; anything else is an unknown field (422).
+    model_config = _STRICT
 
     model: str = Field(min_length=1, max_length=160, description="`family:version` or an alias")
     max_tokens: int | None = Field(default=None, ge=1, le=32768)
     temperature: float | None = Field(default=None, ge=0, le=2, description="Unset: 1.0")
     top_p: float | None = Field(default=None, gt=0, le=1)
-    stop: Annotated[str, Field(min_length=1)] | list[Annotated[str, Field(min_length=1)]] | None = Field(
-        default=None, max_length=4)
+    stop: StopString | list[StopString] | None = Field(default=None, max_length=4)
     stream: bool = False
     stream_options: StreamOptions | None = None
     seed: int | None = Field(default=None, ge=0, le=_MAX_SEED)
     n: int | None = Field(default=None, ge=1, description="Only 1")
     user: str | None = Field(default=None, max_length=256)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        default=None, max_length=16, description="Accepted and ignored")
+    store: bool | None = Field(default=None, description="Accepted and ignored")
+    service_tier: str | None = Field(default=None, max_length=32, description="Accepted and ignored")
+    prompt_cache_key: str | None = Field(default=None, max_length=256, description="Accepted and ignored")
+    safety_identifier: str | None = Field(default=None, max_length=256, description="Accepted and ignored")
     presence_penalty: float | None = Field(default=None, description="Only 0")
     frequency_penalty: float | None = Field(default=None, description="Only 0")
     logit_bias: dict[str, float] | None = Field(default=None, description="Not supported")
@@ -110,7 +127,7 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     best_of: int | None = None
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
         {"model": "demo-gpt2:v1", "prompt": "Once upon a time", "max_tokens": 16, "temperature": 0},
     ]})
 
@@ -129,19 +146,24 @@ class CompletionRequest(_Sampling):
 
 
 class TextPart(BaseModel):
+    model_config = _STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessageIn(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    """A chat turn. ``content`` is text (or text parts); ``null`` content belongs to tool
+    calls, which MNEMOS does not support, so it is refused."""
+
+    model_config = _STRICT
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart]
+    name: str | None = Field(default=None, max_length=128, description="Accepted and ignored")
+    tool_call_id: str | None = Field(default=None, max_length=128, description="Accepted and ignored")
 
     def text(self) -> str:
-        if self.content is None:
-            return ""
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
@@ -151,8 +173,9 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=1000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=32768)
     tools: list[Any] | None = Field(default=None, description="Not supported")
+    parallel_tool_calls: bool | None = Field(default=None, description="Accepted and ignored (no tools)")
 
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+    model_config = ConfigDict(strict=True, extra="forbid", json_schema_extra={"examples": [
         {"model": "demo-gpt2:v1", "messages": [{"role": "user", "content": "Say hi"}], "max_tokens": 16},
     ]})
 
