@@ -58,6 +58,7 @@ class _RecordView(msgspec.Struct, tag="io.mnemos.v1.job", tag_field="type"):
     tenant: str | None = None
     worker_id: str | None = None
     attempt: int = 0
+    dispatch: int = 0
     attempts: list[_AttemptView] = []
 
 
@@ -77,10 +78,13 @@ class IndexEntry:
     timeout_s: float
     #: Stream sequence of the dispatch message the current attempt runs from.
     dispatch_seq: int | None
+    #: The record's dispatch generation (0: as submitted; more: queued again by a control plane).
+    dispatch: int = 0
     #: ``time.monotonic()`` when this process saw the current attempt start / the cancel
     #: requested (its own clock: deadlines never depend on another machine's).
     held_since: float | None = None
     cancelling_since: float | None = None
+    queued_since: float | None = None
 
     @property
     def held(self) -> bool:
@@ -98,6 +102,8 @@ class JobIndex:
         self.entries: dict[str, IndexEntry] = {}
         self._lists: dict[_ListKey, SortedList] = {}
         self._by_worker: dict[str, set[str]] = {}
+        #: Jobs queued again by a control plane (dispatch generation > 0), not yet claimed.
+        self._requeued: set[str] = set()
         #: Set once the bucket's contents at start have been read.
         self.ready = asyncio.Event()
         self.malformed = 0
@@ -153,6 +159,10 @@ class JobIndex:
         cancelling_since = None
         if view.status == "cancelling":
             cancelling_since = old.cancelling_since if old is not None and old.cancelling_since else now
+        queued_since = None
+        if view.status == "queued":
+            same = old is not None and old.queued_since is not None and old.dispatch == view.dispatch
+            queued_since = old.queued_since if same and old is not None else now
         entry = IndexEntry(
             job_id=key,
             status=view.status,
@@ -162,8 +172,10 @@ class JobIndex:
             attempt=view.attempt,
             timeout_s=view.spec.timeout_seconds,
             dispatch_seq=last.dispatch_seq if last is not None else None,
+            dispatch=view.dispatch,
             held_since=held_since,
             cancelling_since=cancelling_since,
+            queued_since=queued_since,
         )
         if old is not None:
             self._unlink(old)
@@ -193,6 +205,8 @@ class JobIndex:
             lst.add(e.job_id)
         if e.worker_id is not None:
             self._by_worker.setdefault(e.worker_id, set()).add(e.job_id)
+        if e.status == "queued" and e.dispatch > 0:
+            self._requeued.add(e.job_id)
 
     def _unlink(self, e: IndexEntry) -> None:
         for k in self._keys(e):
@@ -207,6 +221,7 @@ class JobIndex:
                 held.discard(e.job_id)
                 if not held:
                     del self._by_worker[e.worker_id]
+        self._requeued.discard(e.job_id)
 
     # ------------------------------------------------------------------ queries
 
@@ -254,6 +269,10 @@ class JobIndex:
                 entry = self.entries.get(job_id)
                 if entry is not None:
                     yield entry
+
+    def requeued(self) -> list[IndexEntry]:
+        """Jobs a control plane queued again (a retry, a lost attempt) that no worker claimed yet."""
+        return [self.entries[j] for j in self._requeued]
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -67,14 +67,19 @@ class ReaperTimings:
     cancel_resend_s: float = 2.0
     #: A held job whose worker this process has not heard of for this long is recovered.
     orphan_after_s: float = 15.0
+    #: A job queued again this long ago and still unclaimed has its dispatch message sent
+    #: again (stored only if missing: a control plane that died between writing the record
+    #: and the message left it without one).
+    requeue_check_s: float = 10.0
 
 
 @dataclass(frozen=True)
 class JobActions:
     """What the reaper asks of the control plane after it changed a job."""
 
-    #: Queue ``record`` again (at KV revision); raises MnemosError when it cannot.
-    requeue: Callable[[JobRecord, int], Awaitable[object]]
+    #: Queue ``record`` again (at KV revision): (stream sequence, whether a message was stored
+    #: now rather than found there). Raises MnemosError when it cannot.
+    requeue: Callable[[JobRecord, int], Awaitable[tuple[int, bool]]]
     #: The final message on the result stream, and the answer to a waiting ``jobs.run``.
     announce: Callable[[JobRecord], Awaitable[None]]
     #: Delete a dispatch message by stream sequence.
@@ -110,6 +115,8 @@ class Reaper:
         self.recovered = 0
         self.timed_out = 0
         self.cancels_confirmed = 0
+        self.repaired = 0
+        self._requeue_checked: dict[str, int] = {}  # job id -> dispatch generation checked
         self._heard: dict[str, float] = {}  # worker id -> monotonic time of its last sign of life
         #: Workers that deregistered (id -> their registration time): a heartbeat that was
         #: sent before the deletion but arrives after it must not bring them back.
@@ -236,6 +243,16 @@ class Reaper:
             if entry.job_id in self._busy:
                 continue
             self._check_held(entry, now)
+        requeued = self.index.requeued()
+        for entry in requeued:
+            if self._requeue_checked.get(entry.job_id) == entry.dispatch or entry.job_id in self._busy:
+                continue
+            if entry.queued_since is not None and now - entry.queued_since > t.requeue_check_s:
+                self._requeue_checked[entry.job_id] = entry.dispatch
+                self._spawn(self._ensure_dispatched(entry.job_id, entry.dispatch))
+        if len(self._requeue_checked) > 2 * len(requeued) + 1000:
+            waiting = {e.job_id for e in requeued}
+            self._requeue_checked = {j: g for j, g in self._requeue_checked.items() if j in waiting}
         for job_id in [j for j in self._orphans if j not in self.index.entries or not self.index.entries[j].held]:
             del self._orphans[job_id]
         for worker_id in [w for w, (_, at) in self._left.items() if now - at > _FORGET_LEFT_S]:
@@ -266,6 +283,22 @@ class Reaper:
         if entry.held_since is not None and now - entry.held_since > entry.timeout_s + t.timeout_grace_s:
             self._spawn_settle(entry.job_id, f"past its timeout on {worker_id}",
                                lambda rec: expire_attempt(rec, attempt, utcnow()), stop_worker=True)
+
+    async def _ensure_dispatched(self, job_id: str, generation: int) -> None:
+        """A job queued again a while ago is still unclaimed: send its dispatch message again.
+        The stream drops it as a duplicate if the first one is there (the usual case); if not,
+        this is the message that was never written."""
+        try:
+            record, revision = await self.jobs.get(job_id)
+        except JobNotFound:
+            return
+        if record.status != "queued" or record.dispatch != generation:
+            return
+        _, stored = await self.actions.requeue(record, revision)
+        if stored:
+            self.repaired += 1
+            log.warning("job %s was queued without its dispatch message (a control plane stopped between "
+                        "writing the record and the message); queued it now", job_id)
 
     # ------------------------------------------------------------------ settling one job
 

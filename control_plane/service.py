@@ -37,26 +37,23 @@ from mnemos.connection import barrier, unavailable_from
 from mnemos.errors import (
     Conflict,
     Internal,
-    InvalidState,
     JobNotFound,
     JobTimeout,
     MnemosError,
     ModelNotFound,
-    NotCancellable,
     PayloadTooLarge,
     Unavailable,
     UnknownModel,
     UnknownRuntime,
     ValidationFailed,
 )
+from mnemos import lifecycle
 from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
 from mnemos.messages import (
-    ACTIVE_STATUSES,
     CancelJob,
-    ErrorInfo,
     ErrorReply,
     GetJob,
     GetModel,
@@ -76,7 +73,6 @@ from mnemos.messages import (
     decode,
     encode,
     encode_dispatch,
-    new_job_id,
     utcnow,
 )
 from mnemos.names import HDR_MSG_ID, HDR_TENANT, RUNTIMES, SERVICE_NAME, SERVICE_VERSION, TEXT_RUNTIMES
@@ -99,8 +95,6 @@ ENDPOINTS: dict[str, str] = {
     "models.list": "models-list",
     "models.get": "models-get",
 }
-
-_RETRYABLE_BY_REQUEST = frozenset({"failed", "timeout", "cancelled"})
 
 
 class ControlPlane:
@@ -171,7 +165,7 @@ class ControlPlane:
         self.supervisor.spawn("job-index", self.index.follow())
         self.reaper = Reaper(
             self.nc, self.names, self.layout.workers, self.jobs, self.index,
-            JobActions(requeue=self._dispatch, announce=self._announce_final,
+            JobActions(requeue=self._dispatch_once, announce=self._announce_final,
                        drop_message=self._drop_dispatch_message, signal_cancel=self._signal_cancel),
             ReaperTimings(timeout_grace_s=self.settings.timeout_grace_s,
                           cancel_confirm_s=self.settings.cancel_confirm_s),
@@ -444,17 +438,7 @@ class ControlPlane:
         job_runtime_config(runtime, defaults, ref.runtime_config)
         if runtime in TEXT_RUNTIMES and (spec.input.prompt is None) == (spec.input.messages is None):
             raise ValidationFailed(f"runtime {runtime!r} needs exactly one of input.prompt and input.messages")
-        now = utcnow()
-        return JobRecord(
-            job_id=new_job_id(),
-            status="queued",
-            spec=spec,
-            runtime=runtime,  # type: ignore[arg-type]
-            created_at=now,
-            updated_at=now,
-            reply_to=reply_to,
-            tenant=tenant,
-        )
+        return lifecycle.accept(spec, runtime, utcnow(), tenant=tenant, reply_to=reply_to)
 
     async def _claim_idempotency_key(
         self, hkey: str, job_id: str, layout: Layout, jobs: JobStore
@@ -491,10 +475,17 @@ class ControlPlane:
         """Queue ``record`` (at KV ``revision``, 0: not written yet) for its runtime and
         priority; the stream sequence. A repeated dispatch of the same generation within the
         stream's duplicate window is stored once (``Nats-Msg-Id``)."""
+        return (await self._dispatch_once(record, revision, record_json))[0]
+
+    async def _dispatch_once(
+        self, record: JobRecord, revision: int, record_json: bytes | None = None
+    ) -> tuple[int, bool]:
+        """:meth:`_dispatch`, also saying whether the message was stored now (False: the
+        stream already held this generation's message)."""
         spec = record.spec
         subject = self.names.dispatch_subject(record.runtime, spec.priority, spec.model.family, spec.model.version)
         try:
-            return await self._publisher.publish(
+            return await self._publisher.publish_once(
                 subject,
                 encode_dispatch(record, revision, record_json),
                 headers={HDR_MSG_ID: f"{record.job_id}.g{record.dispatch}"},
@@ -516,13 +507,7 @@ class ControlPlane:
 
     async def _announce_final(self, record: JobRecord) -> None:
         """Final message on the result stream, and the answer to a waiting ``jobs.run``."""
-        final = ResultFinal(
-            job_id=record.job_id,
-            attempt=record.attempt,
-            status=record.status,
-            output=record.output,
-            error=record.error,
-        )
+        final = ResultFinal.of(record)
         if record.terminal:
             self.metrics.job_finished(record.status, record.runtime)
         await self._publisher.publish(self.names.results_subject(record.job_id), encode(final))
@@ -608,27 +593,16 @@ class ControlPlane:
         def change(rec: JobRecord) -> JobRecord | None:
             nonlocal changed
             _visible(rec, tenant)
-            changed = rec.status in ("queued", "retrying")
-            if rec.status in ("queued", "retrying"):
-                rec.status = "cancelled"
-                rec.error = ErrorInfo(code="cancelled", message=reason)
-                return rec
-            if rec.status in ACTIVE_STATUSES:
-                rec.status = "cancelling"
-                rec.error = ErrorInfo(code="cancelled", message=reason)
-                return rec
-            if rec.status in ("cancelling", "cancelled"):
-                return None
-            raise NotCancellable(f"job {rec.job_id} is already {rec.status}")
+            changed = lifecycle.request_cancel(rec, reason)
+            return rec if changed else None
 
         record, _ = await jobs.mutate(body.job_id, change)
-        if record.status == "cancelled" and not changed:
-            pass  # cancelled before: announced then
-        elif record.status == "cancelled":
+        # Unchanged: it was cancelled (announced then) or is cancelling (the reaper re-signals).
+        if changed and record.status == "cancelled":
             if record.attempt == 0 and record.queued_seq is not None:
                 await self._drop_dispatch_message(record.queued_seq)  # never to be pulled
             await self._announce_final(record)
-        else:
+        elif changed:
             await self._signal_cancel(record.job_id, reason)
         log.info("job %s %s: %s", record.job_id, record.status, reason)
         await self._respond(req, record)
@@ -640,14 +614,7 @@ class ControlPlane:
 
         def change(rec: JobRecord) -> JobRecord | None:
             _visible(rec, tenant)
-            if rec.status not in _RETRYABLE_BY_REQUEST:
-                raise InvalidState(f"job {rec.job_id} is {rec.status}; only failed/timeout/cancelled jobs retry")
-            rec.status = "queued"
-            rec.error = None
-            rec.output = None
-            rec.reply_to = None
-            rec.queued_seq = None  # the first dispatch's; a cancel after a retry needs none
-            rec.dispatch += 1
+            lifecycle.requeue_by_request(rec)
             return rec
 
         before = _visible((await jobs.get(body.job_id))[0], tenant)

@@ -58,10 +58,14 @@ def main(argv: list[str] | None = None) -> int:
     chaos.add_argument("--kill-every", type=float, default=2.0, help="SIGKILL a worker this often (s)")
     chaos.add_argument("--kill-control-plane", action="store_true", help="SIGKILL and restart it mid-run")
     chaos.add_argument("--cluster", action="store_true", help="3-node JetStream cluster, R3")
-    chaos.add_argument("--kill-nats-node", action="store_true", help="SIGKILL one NATS node mid-run")
+    chaos.add_argument("--kill-nats-node", nargs="?", const="restart", default="",
+                       choices=["restart", "for-good", "leader"],
+                       help="SIGKILL one NATS node mid-run: restart it 3 s later (default), never (for-good), "
+                            "or kill the dispatch stream's leader (leader)")
     chaos.add_argument("--max-job-ms", type=float, default=20.0)
     chaos.add_argument("--rate", type=float, default=500.0, help="submissions per second")
     chaos.add_argument("--deadline", type=float, default=300.0)
+    chaos.add_argument("--log-level", default="WARNING", help="the children's log level (logs kept on failure)")
     chaos.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     if args.command == "chaos":
@@ -70,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
         res = asyncio.run(run_chaos(ChaosOptions(
             jobs=args.jobs, workers=args.workers, slots=args.slots, kill_every=args.kill_every,
             kill_control_plane=args.kill_control_plane, cluster=args.cluster, kill_nats_node=args.kill_nats_node,
-            max_job_ms=args.max_job_ms, rate=args.rate, deadline_s=args.deadline)))
+            max_job_ms=args.max_job_ms, rate=args.rate, deadline_s=args.deadline,
+            log_level=args.log_level)))
         print(res.summary())
         if args.json:
             print(json.dumps({k: v for k, v in vars(res).items() if k != "latencies_ms"}))
-        return 0 if res.lost == 0 and res.duplicated == 0 else 1
+        return 0 if res.clean else 1
     if args.kind == "http":
         from loadtest.http_bench import HttpOptions, bench_http
 

@@ -45,7 +45,10 @@ def local_stack(workers: int = 1, slots: int = 256, data_dir: Path | None = None
     with tempfile.TemporaryDirectory(prefix="mnemos-bench-") as tmp:
         opts = UpOptions(data_dir=data_dir or Path(tmp), port=free_port(), workers=workers, worker_slots=slots,
                          gateway_port=free_port() if gateway else 0,
-                         extra_env={"MNEMOS_LOG_LEVEL": "WARNING"})
+                         # Free metrics ports: a benchmark must not collide with a `mnemos up`
+                         # (9091, 9092...) running beside it.
+                         extra_env={"MNEMOS_LOG_LEVEL": "WARNING", "MNEMOS_CP_METRICS_PORT": "0",
+                                    "MNEMOS_WORKER_METRICS_PORT": "0"})
         with LocalStack(opts) as stack:
             yield stack
 

@@ -3,6 +3,9 @@
     python -m loadtest chaos --jobs 5000 --workers 3 --kill-every 2
     python -m loadtest chaos --jobs 5000 --workers 3 --kill-every 2 --kill-control-plane
     python -m loadtest chaos --jobs 5000 --workers 3 --cluster --kill-nats-node
+    python -m loadtest chaos --jobs 5000 --workers 3 --cluster --kill-nats-node --kill-control-plane
+    python -m loadtest chaos --jobs 5000 --workers 3 --cluster --kill-nats-node for-good
+    python -m loadtest chaos --jobs 5000 --workers 3 --cluster --kill-nats-node leader
 
 The run starts its own stack (file-backed JetStream: one node, or a 3-node cluster on
 loopback with R3 buckets and streams), a control plane and ``--workers`` worker processes
@@ -11,11 +14,20 @@ loopback with R3 buckets and streams), a control plane and ``--workers`` worker 
 must) with the same key. Meanwhile a worker is SIGKILLed every ``--kill-every`` seconds
 and replaced, and optionally the control plane or one NATS node is killed and restarted.
 
+``--kill-nats-node`` kills one node (a random one) and restarts it 3 s later; ``for-good``
+never restarts it; ``leader`` kills the node leading the dispatch stream. With
+``--kill-control-plane`` too, the control plane is killed and restarted while that node is
+down.
+
 The client follows every job's final message on ``mnemos.results.>``; at the end each
-record is read back. *lost*: accepted jobs that never reached a terminal state by the
-deadline. *duplicated*: jobs whose record shows more than one completed attempt or that
-announced more than one terminal result. *re-executed*: jobs that needed more than one
-attempt (expected when workers die: execution is at-least-once).
+record is read back (retried for up to a minute while the cluster recovers). *lost*:
+accepted jobs whose record is not terminal by the deadline, or is gone: the platform lost
+them. *untracked*: jobs whose record this load generator could not read at all (it lost
+track; the platform may not have). Every job in either list is named. *duplicated*: jobs
+whose record shows more than one completed attempt or that announced more than one
+terminal result. *re-executed*: jobs that needed more than one attempt (expected when
+workers die: execution is at-least-once). The run's logs are kept (and their directory
+printed) when anything was lost, untracked or duplicated.
 """
 
 from __future__ import annotations
@@ -23,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -40,7 +53,7 @@ from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
 from mnemos.embedded import EmbeddedNats, die_with_parent, free_port
 from mnemos.errors import MnemosError
-from mnemos.messages import TERMINAL_STATUSES, ResultFinal, decode_result
+from mnemos.messages import TERMINAL_STATUSES, Dispatch, ResultFinal, decode, decode_result
 
 __all__ = ["ChaosOptions", "ChaosResult", "run_chaos"]
 
@@ -53,7 +66,8 @@ class ChaosOptions:
     kill_every: float = 2.0
     kill_control_plane: bool = False
     cluster: bool = False
-    kill_nats_node: bool = False
+    #: "" (none), "restart" (3 s later), "for-good" or "leader" (of the dispatch stream, restarted).
+    kill_nats_node: str = ""
     max_job_ms: float = 20.0
     #: Submissions per second, so that faults hit while jobs are still arriving.
     rate: float = 500.0
@@ -63,6 +77,8 @@ class ChaosOptions:
     ack_wait_s: float = 5.0
     seed: int = 7
     quiet: bool = False
+    #: The children's log level (their logs are kept when a run is not clean).
+    log_level: str = "WARNING"
 
 
 @dataclass
@@ -71,6 +87,7 @@ class ChaosResult:
     completed: int = 0
     failed: int = 0
     lost: int = 0
+    untracked: int = 0
     duplicated: int = 0
     reexecuted: int = 0
     worker_kills: int = 0
@@ -79,18 +96,26 @@ class ChaosResult:
     submit_retries: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     elapsed_s: float = 0.0
-    #: What the lost jobs looked like at the end (job id, status, attempt outcomes).
+    #: Every job that did not end: job id, status, attempt outcomes (or why it is unreadable).
     stuck: list[str] = field(default_factory=list)
+    #: Where the run's logs are, when they were kept.
+    logs: str = ""
+
+    @property
+    def clean(self) -> bool:
+        return self.lost == 0 and self.untracked == 0 and self.duplicated == 0
 
     def summary(self) -> str:
         p = statistics.quantiles(self.latencies_ms, n=100) if len(self.latencies_ms) > 1 else [0.0] * 99
         return (
             f"submitted {self.submitted} / completed {self.completed} / failed {self.failed} / "
-            f"lost {self.lost} / duplicated {self.duplicated} / p50 {p[49]:.0f} ms / p99 {p[98]:.0f} ms\n"
+            f"lost {self.lost} / untracked {self.untracked} / duplicated {self.duplicated} / "
+            f"p50 {p[49]:.0f} ms / p99 {p[98]:.0f} ms\n"
             f"  re-executed {self.reexecuted}, worker kills {self.worker_kills}, control-plane kills "
             f"{self.control_plane_kills}, nats node kills {self.nats_kills}, submit retries "
             f"{self.submit_retries}, {self.elapsed_s:.1f} s"
-            + "".join(f"\n  lost: {s}" for s in self.stuck[:10])
+            + "".join(f"\n  not terminal: {s}" for s in self.stuck)
+            + (f"\n  logs kept in {self.logs}" if self.logs else "")
         )
 
 
@@ -138,10 +163,14 @@ class _Stack:
         url = ",".join(n.url for n in self.nodes)
         self.settings = NatsSettings(nats_url=url, namespace="chaos", replicas=3 if o.cluster else 1)
         self.env = dict(os.environ, MNEMOS_NATS_URL=url, MNEMOS_NAMESPACE="chaos",
-                        MNEMOS_REPLICAS=str(self.settings.replicas), MNEMOS_LOG_LEVEL="WARNING",
+                        MNEMOS_REPLICAS=str(self.settings.replicas), MNEMOS_LOG_LEVEL=o.log_level,
                         MNEMOS_WORKER_RUNTIMES="python", MNEMOS_WORKER_MAX_CONCURRENT_JOBS=str(o.slots),
                         MNEMOS_WORKER_HEARTBEAT_INTERVAL_S=str(o.heartbeat_s),
-                        MNEMOS_WORKER_ACK_WAIT_S=str(o.ack_wait_s), MNEMOS_WORKER_DRAIN_TIMEOUT_S="5")
+                        MNEMOS_WORKER_ACK_WAIT_S=str(o.ack_wait_s), MNEMOS_WORKER_DRAIN_TIMEOUT_S="5",
+                        # Several processes on one host: each takes a free metrics port (and
+                        # advertises it in its record), so none collides with another or
+                        # with a `mnemos up` running beside.
+                        MNEMOS_CP_METRICS_PORT="0", MNEMOS_WORKER_METRICS_PORT="0")
         self.cp = _Proc("control-plane", [sys.executable, "-m", "mnemos", "control-plane"], self.env,
                         root / "control-plane.log")
         self.workers: list[_Proc] = []
@@ -223,13 +252,19 @@ async def run_chaos(o: ChaosOptions) -> ChaosResult:
     """Run one chaos scenario and return its summary."""
     rng = random.Random(o.seed)
     result = ChaosResult()
-    with tempfile.TemporaryDirectory(prefix="mnemos-chaos-") as tmp:
-        stack = _Stack(o, Path(tmp))
-        try:
-            await stack.start()
-            await _drive(stack, o, rng, result)
-        finally:
-            await asyncio.to_thread(stack.stop)
+    root = Path(tempfile.mkdtemp(prefix="mnemos-chaos-"))
+    stack = _Stack(o, root)
+    ok = False
+    try:
+        await stack.start()
+        await _drive(stack, o, rng, result)
+        ok = result.clean
+    finally:
+        await asyncio.to_thread(stack.stop)
+        if ok:
+            shutil.rmtree(root, ignore_errors=True)
+        else:
+            result.logs = str(root)
     return result
 
 
@@ -290,13 +325,20 @@ async def _drive(stack: _Stack, o: ChaosOptions, rng: random.Random, result: Cha
     await chaos
     await sub.unsubscribe()
     # Read every record back (the authority), tolerant of a recovering cluster.
-    records = await asyncio.gather(*(_get(client, j) for j in unique))
-    for record in records:
-        if record is None or not record.terminal:
+    records = await asyncio.gather(*(_get(client, j) for j in sorted(unique)))
+    for job_id, record in zip(sorted(unique), records, strict=True):
+        if isinstance(record, str):  # never readable: lost by the platform, or by this client?
+            if record == "job_not_found":
+                result.lost += 1
+                result.stuck.append(f"{job_id} record gone (accepted, then lost)")
+            else:
+                result.untracked += 1
+                result.stuck.append(f"{job_id} unreadable by the load generator: {record}")
+            continue
+        if not record.terminal:
             result.lost += 1
-            if record is not None:
-                result.stuck.append(f"{record.job_id} {record.status} worker={record.worker_id} "
-                                    f"attempts={[a.outcome for a in record.attempts]}")
+            result.stuck.append(f"{record.job_id} {record.status} dispatch=g{record.dispatch} "
+                                f"worker={record.worker_id} attempts={[a.outcome for a in record.attempts]}")
             continue
         if record.status == "completed":
             result.completed += 1
@@ -310,16 +352,54 @@ async def _drive(stack: _Stack, o: ChaosOptions, rng: random.Random, result: Cha
         if record.job_id in done_at:
             result.latencies_ms.append((done_at[record.job_id] - submitted_at[record.job_id]) * 1000.0)
     result.elapsed_s = time.monotonic() - t0
+    if result.stuck:
+        result.stuck += await _where_messages_are(client, stack)
     await client.close()
 
 
+async def _where_messages_are(client: Client, stack: _Stack) -> list[str]:
+    """For a run that left jobs behind: what the dispatch stream and its consumers hold."""
+    names = stack.settings.names
+    js = client.nc.jetstream()
+    lines: list[str] = []
+    try:
+        info = await js.stream_info(names.dispatch_stream)
+        lines.append(f"dispatch stream: {info.state.messages} messages, seq {info.state.first_seq}-"
+                     f"{info.state.last_seq}, leader {info.cluster.leader if info.cluster else '-'}")
+        for c in await js.consumers_info(names.dispatch_stream):
+            if c.num_pending or c.num_ack_pending or c.num_redelivered:
+                lines.append(f"consumer {c.name}: pending {c.num_pending}, ack pending {c.num_ack_pending}, "
+                             f"redelivered {c.num_redelivered}, waiting {c.num_waiting}, "
+                             f"delivered {c.delivered.stream_seq if c.delivered else '-'}, "
+                             f"ack floor {c.ack_floor.stream_seq if c.ack_floor else '-'}")
+        for seq in range(info.state.first_seq, info.state.last_seq + 1) if info.state.messages <= 1000 else ():
+            try:
+                msg = await js.get_msg(names.dispatch_stream, seq)
+            except Exception:  # noqa: BLE001 - deleted (acked) sequences
+                continue
+            try:
+                dispatch = decode(msg.data or b"", Dispatch)
+                lines.append(f"message {seq} ({msg.subject}): job {dispatch.record.job_id} "
+                             f"g{dispatch.record.dispatch} rev {dispatch.revision}")
+            except Exception as e:  # noqa: BLE001
+                lines.append(f"message {seq} ({msg.subject}): unreadable: {e}")
+    except Exception as e:  # noqa: BLE001 - a diagnosis must not hide the result
+        lines.append(f"could not read the dispatch stream: {e!r}")
+    return lines
+
+
 async def _get(client: Client, job_id: str) -> Any:
-    for _ in range(50):
+    """The record, or the last error code after a minute of retries."""
+    code = "no answer"
+    for _ in range(120):
         try:
             return await client.get(job_id)
-        except MnemosError:
-            await asyncio.sleep(0.2)
-    return None
+        except MnemosError as e:
+            code = e.code
+            if code == "job_not_found":
+                return code
+            await asyncio.sleep(0.5)
+    return code
 
 
 async def _chaos(stack: _Stack, o: ChaosOptions, rng: random.Random, result: ChaosResult, stop: asyncio.Event) -> None:
@@ -338,23 +418,48 @@ async def _chaos(stack: _Stack, o: ChaosOptions, rng: random.Random, result: Cha
             stack.workers.append(stack.new_worker())
             result.worker_kills += 1
             _say(o, f"[{time.monotonic() - started:5.1f}s] SIGKILL {victim.name}, started a replacement")
-        if not cp_done and time.monotonic() - started > 2 * o.kill_every:
+        if not cp_done and nats_done and time.monotonic() - started > 2 * o.kill_every:
             cp_done = True
-            await asyncio.to_thread(stack.cp.kill)
-            result.control_plane_kills += 1
-            _say(o, f"[{time.monotonic() - started:5.1f}s] SIGKILL control plane")
-            await asyncio.sleep(1.0)
-            stack.cp.start()
-            _say(o, f"[{time.monotonic() - started:5.1f}s] control plane restarted")
+            await _kill_control_plane(stack, result, o, started)
         if not nats_done and time.monotonic() - started > 2 * o.kill_every:
             nats_done = True
-            node = stack.nodes[rng.randrange(len(stack.nodes))]
+            if o.kill_nats_node == "leader":
+                node = await _dispatch_leader(stack)
+            else:
+                node = stack.nodes[rng.randrange(len(stack.nodes))]
             await asyncio.to_thread(node.kill)
             result.nats_kills += 1
-            _say(o, f"[{time.monotonic() - started:5.1f}s] SIGKILL nats node {node.server_name}")
+            _say(o, f"[{time.monotonic() - started:5.1f}s] SIGKILL nats node {node.server_name}"
+                    f"{' (the dispatch stream leader)' if o.kill_nats_node == 'leader' else ''}")
+            if not cp_done:  # the control plane dies and comes back while the node is down
+                cp_done = True
+                await _kill_control_plane(stack, result, o, started)
+            if o.kill_nats_node == "for-good":
+                _say(o, f"[{time.monotonic() - started:5.1f}s] nats node {node.server_name} stays down")
+                continue
             await asyncio.sleep(3.0)
             node.start()  # in this thread: children die with the thread that forked them
             _say(o, f"[{time.monotonic() - started:5.1f}s] nats node {node.server_name} restarted")
+
+
+async def _kill_control_plane(stack: _Stack, result: ChaosResult, o: ChaosOptions, started: float) -> None:
+    await asyncio.to_thread(stack.cp.kill)
+    result.control_plane_kills += 1
+    _say(o, f"[{time.monotonic() - started:5.1f}s] SIGKILL control plane")
+    await asyncio.sleep(1.0)
+    stack.cp.start()
+    _say(o, f"[{time.monotonic() - started:5.1f}s] control plane restarted")
+
+
+async def _dispatch_leader(stack: _Stack) -> EmbeddedNats:
+    """The node that leads the dispatch stream now."""
+    nc = await nats.connect(stack.settings.servers)
+    try:
+        info = await nc.jetstream().stream_info(stack.settings.names.dispatch_stream)
+    finally:
+        await nc.close()
+    leader = info.cluster.leader if info.cluster is not None else None
+    return next(n for n in stack.nodes if n.server_name == leader)
 
 
 def _say(o: ChaosOptions, text: str) -> None:

@@ -311,8 +311,7 @@ class Client:
                     if await more_stored():  # the consumer fell behind: catch up first
                         sub = await resubscribe(sub)
                         continue
-                    yield None, ResultFinal(job_id=job_id, attempt=record.attempt, status=record.status,
-                                            output=record.output, error=record.error)
+                    yield None, ResultFinal.of(record)
                     return
                 seq = msg.metadata.sequence.stream
                 if next_seq is not None and seq < next_seq:

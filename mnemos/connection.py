@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import nats
 from nats.aio.client import Client as NATS
@@ -12,7 +14,7 @@ from nats.aio.client import Client as NATS
 from mnemos.config import NatsSettings
 from mnemos.errors import Unavailable
 
-__all__ = ["connect", "unavailable_from", "barrier"]
+__all__ = ["connect", "unavailable_from", "barrier", "patiently"]
 
 log = logging.getLogger("mnemos.nats")
 
@@ -34,6 +36,33 @@ def unavailable_from(e: BaseException) -> Unavailable | None:
     ):
         return Unavailable(f"JetStream is temporarily unavailable: {e}")
     return None
+
+
+T = TypeVar("T")
+
+#: How long a process keeps trying a call NATS cannot serve (a node lost, a leader being
+#: elected) before it gives up.
+_PATIENCE_S = 120.0
+
+
+async def patiently(step: Callable[[], Awaitable[T]], what: str) -> T:
+    """Run ``step`` (a NATS or JetStream API call), again while NATS cannot serve it (a node
+    lost, a leader being elected), for up to two minutes; then its :class:`Unavailable`.
+    A process that starts during such a spell waits it out instead of exiting."""
+    deadline = time.monotonic() + _PATIENCE_S
+    delay = 0.25
+    while True:
+        try:
+            return await step()
+        except Exception as e:
+            unavailable = unavailable_from(e)
+            if unavailable is None:
+                raise
+            if time.monotonic() > deadline:
+                raise unavailable from e
+            log.warning("NATS cannot %s yet (%s); retrying in %.2fs", what, unavailable.message, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 async def barrier(nc: NATS, timeout: float = 10.0) -> None:

@@ -22,7 +22,9 @@ from mnemos.errors import Conflict, Unavailable
 __all__ = ["Publisher"]
 
 _HDR_EXPECTED_LAST_SUBJECT_SEQ = "Nats-Expected-Last-Subject-Sequence"
-_WRONG_LAST_SEQUENCE = 10071
+#: "wrong last sequence" (a compare-and-set lost): 10071 names the expected sequence; a
+#: clustered stream answers 10164 for the same thing.
+_WRONG_LAST_SEQUENCE = frozenset({10071, 10164})
 
 
 class _ApiError(msgspec.Struct):
@@ -96,6 +98,9 @@ class Publisher:
 
     async def acked(self, fut: asyncio.Future[bytes], subject: str, timeout: float = 5.0) -> int:
         """Wait for an ack from :meth:`send`; the stored sequence (errors as in :meth:`publish`)."""
+        return (await self._ack(fut, subject, timeout)).seq
+
+    async def _ack(self, fut: asyncio.Future[bytes], subject: str, timeout: float) -> _PubAck:
         try:
             async with asyncio.timeout(timeout):
                 data = await fut
@@ -109,10 +114,10 @@ class Publisher:
         except msgspec.DecodeError as e:
             raise Unavailable(f"unreadable JetStream ack for {subject}: {data[:200]!r}") from e
         if ack.error is not None:
-            if ack.error.err_code == _WRONG_LAST_SEQUENCE:
+            if ack.error.err_code in _WRONG_LAST_SEQUENCE:
                 raise Conflict(f"{subject} changed: {ack.error.description}")
             raise Unavailable(f"JetStream refused {subject}: {ack.error.description} ({ack.error.err_code})")
-        return ack.seq
+        return ack
 
     async def publish(
         self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None, timeout: float = 5.0
@@ -123,6 +128,14 @@ class Publisher:
         :class:`Unavailable` when no stream answered or the stream refused the message.
         """
         return await self.acked(await self.send(subject, payload, headers=headers), subject, timeout)
+
+    async def publish_once(
+        self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float = 5.0
+    ) -> tuple[int, bool]:
+        """Publish a message with a ``Nats-Msg-Id``; (its sequence, whether it was stored now:
+        False when the stream already had that id within its duplicate window)."""
+        ack = await self._ack(await self.send(subject, payload, headers=headers), subject, timeout)
+        return ack.seq, not ack.duplicate
 
     async def kv_cas(self, key_subject: str, value: bytes, last: int, *, timeout: float = 5.0) -> int:
         """Write a KV key (its ``$KV.<bucket>.<key>`` subject) only if its current revision

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Callable
 
-from nats.js.errors import KeyNotFoundError
+from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
 from mnemos.errors import Conflict, JobNotFound, ValidationFailed
@@ -49,16 +49,30 @@ class JobStore:
         except Conflict as e:
             raise Conflict(f"job {record.job_id} already exists") from e
 
-    async def get(self, job_id: str) -> tuple[JobRecord, int]:
-        """The record and its revision; raises JobNotFound."""
+    async def get(self, job_id: str, *, fresh: bool = False) -> tuple[JobRecord, int]:
+        """The record and its revision; raises JobNotFound.
+
+        A plain read may be answered by any replica of a clustered bucket (direct get),
+        which can be a write behind. ``fresh`` asks the stream's leader, which has every
+        acknowledged write: read so after a compare-and-set lost, or a replica may answer
+        with the very revision that lost (or with no record at all, for one just created).
+        """
         check_job_id(job_id)
         try:
-            entry = await self.kv.get(job_id)
-        except KeyNotFoundError as e:
+            if fresh:
+                msg = await self.kv._js.get_msg(  # noqa: SLF001 - nats-py's KV offers no leader read
+                    Names.kv_stream(self.bucket), subject=Names.kv_key_subject(self.bucket, job_id), direct=False)
+                if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
+                    raise JobNotFound(f"no job {job_id}")
+                value, revision = msg.data, msg.seq
+            else:
+                entry = await self.kv.get(job_id)
+                value, revision = entry.value, entry.revision
+        except (KeyNotFoundError, NotFoundError) as e:
             raise JobNotFound(f"no job {job_id}") from e
-        if entry.value is None or entry.revision is None:
+        if not value or revision is None:
             raise JobNotFound(f"no job {job_id}")
-        return decode(entry.value, JobRecord), entry.revision
+        return decode(value, JobRecord), revision
 
     async def update(self, record: JobRecord, revision: int, data: bytes | None = None) -> int:
         """Write ``record`` (or its already encoded ``data``) if the stored revision is still
@@ -81,8 +95,9 @@ class JobStore:
         ``change`` returns the new record, or None to leave it as it is (the current
         record is returned then). ``updated_at`` is set on every write.
         """
+        fresh = False
         for _ in range(tries):
-            record, revision = await self.get(job_id)
+            record, revision = await self.get(job_id, fresh=fresh)
             new = change(record)
             if new is None:
                 return record, revision
@@ -90,7 +105,7 @@ class JobStore:
             try:
                 return new, await self.update(new, revision)
             except Conflict:
-                continue
+                fresh = True  # a replica may have answered a write behind
         raise Conflict(f"job {job_id} kept changing; gave up after {tries} tries")
 
     async def scan(self) -> AsyncIterator[JobRecord]:

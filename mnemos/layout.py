@@ -14,6 +14,7 @@ from nats.js import api as jsapi
 from nats.js.errors import BadRequestError, BucketNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
+from mnemos.connection import patiently
 from mnemos.names import Names
 
 __all__ = ["LayoutOptions", "Layout", "ensure_layout"]
@@ -43,28 +44,35 @@ class Layout:
     idempotency: KeyValue
 
 
+
 async def _ensure_stream(js: JetStreamContext, config: jsapi.StreamConfig, update: bool) -> None:
-    try:
-        await js.add_stream(config)
-    except BadRequestError as e:
-        if e.err_code != 10058:  # name in use with a different configuration
-            raise
-        if update:
-            log.info("stream %s exists with another configuration; updating it", config.name)
-            await js.update_stream(config)
+    async def step() -> None:
+        try:
+            await js.add_stream(config)
+        except BadRequestError as e:
+            if e.err_code != 10058:  # name in use with a different configuration
+                raise
+            if update:
+                log.info("stream %s exists with another configuration; updating it", config.name)
+                await js.update_stream(config)
+
+    await patiently(step, f"set up stream {config.name}")
 
 
 async def _ensure_kv(js: JetStreamContext, config: jsapi.KeyValueConfig) -> KeyValue:
-    try:
-        return await js.key_value(config.bucket)
-    except (BucketNotFoundError, NotFoundError):
-        pass
-    try:
-        return await js.create_key_value(config)
-    except BadRequestError as e:
-        if e.err_code != 10058:
-            raise
-        return await js.key_value(config.bucket)
+    async def step() -> KeyValue:
+        try:
+            return await js.key_value(config.bucket)
+        except (BucketNotFoundError, NotFoundError):
+            pass
+        try:
+            return await js.create_key_value(config)
+        except BadRequestError as e:
+            if e.err_code != 10058:
+                raise
+            return await js.key_value(config.bucket)
+
+    return await patiently(step, f"set up bucket {config.bucket}")
 
 
 async def ensure_layout(

@@ -271,6 +271,8 @@ class JobRecord(_Strict, tag="io.mnemos.v1.job", tag_field="type"):
     reply_to: str | None = None
     #: Stream sequence of the dispatch message that queued the job (a cancel removes it).
     queued_seq: int | None = None
+    #: It ended ``failed`` or ``timeout`` with its retry policy used up (its attempts say how).
+    dead_letter: bool = False
 
     @property
     def terminal(self) -> bool:
@@ -323,6 +325,12 @@ class ResultFinal(_Strict, tag="io.mnemos.v1.result_final", tag_field="type"):
     output: JobOutput | None = None
     error: ErrorInfo | None = None
 
+    @classmethod
+    def of(cls, record: JobRecord) -> ResultFinal:
+        """The final message that announces ``record`` as it is now."""
+        return cls(job_id=record.job_id, attempt=record.attempt, status=record.status, output=record.output,
+                   error=record.error)
+
 
 class ResultStatus(_Strict, tag="io.mnemos.v1.result_status", tag_field="type"):
     """A status change of an attempt on ``mnemos.results.<job_id>`` (``loading_model``,
@@ -368,7 +376,9 @@ class SystemResources(_Strict):
     gpus: list[GPUInfo] = field(default_factory=list)
 
 
-WorkerStatus = Literal["initializing", "idle", "busy", "paused", "draining", "stopped", "error"]
+WorkerStatus = Literal[
+    "initializing", "connecting", "registering", "starting", "idle", "busy", "paused", "draining", "stopped", "error"
+]
 
 
 class WorkerRecord(_Strict, tag="io.mnemos.v1.worker", tag_field="type"):
@@ -447,6 +457,8 @@ class ListJobs(_Strict):
     limit: Annotated[int, Meta(ge=1, le=1000)] = 50
     #: Opaque cursor from a previous page (``next_cursor``).
     cursor: Annotated[str, Meta(max_length=64)] | None = None
+    #: Only dead-lettered jobs (ended failed/timeout with no attempts left).
+    dead_letter: bool = False
 
 
 class JobList(_Strict, tag="io.mnemos.v1.job_list", tag_field="type"):

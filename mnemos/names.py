@@ -187,6 +187,11 @@ class Names:
         return f"{self.prefix}-control-plane"
 
     @staticmethod
+    def kv_stream(bucket: str) -> str:
+        """The stream that holds a KV bucket."""
+        return f"KV_{bucket}"
+
+    @staticmethod
     def kv_key_subject(bucket: str, key: str) -> str:
         """Raw subject of a KV key (used to publish with per-message headers such as TTL)."""
         return f"$KV.{bucket}.{key}"

@@ -4,8 +4,8 @@ Every write to the job record is a compare-and-set on the revision this worker l
 The claim uses the revision carried in the dispatch message, so a warm job costs two KV
 writes (claim, result) and no read. When a write loses (the control plane cancelled the
 job, another worker took over a redelivered message, or a duplicate delivery already
-finished), the executor re-reads the record and decides from what it finds; it never
-overwrites a terminal state.
+finished), the executor re-reads the record and decides again from what it finds, by the
+rules of :mod:`mnemos.lifecycle`; it never overwrites a terminal state.
 """
 
 from __future__ import annotations
@@ -24,21 +24,18 @@ from mnemos.errors import (
     Conflict,
     ExecutionError,
     JobCancelled,
+    JobNotFound,
     JobTimeout,
     MnemosError,
     ValidationFailed,
-    WorkerLost,
 )
 from mnemos.jobstore import JobStore
-from mnemos.lifecycle import final_status
+from mnemos import lifecycle
 from mnemos.messages import (
-    ACTIVE_STATUSES,
-    Attempt,
     Dispatch,
     ErrorInfo,
     JobOutput,
     JobRecord,
-    Phase,
     ResultChunk,
     ResultFinal,
     decode_result,
@@ -49,7 +46,6 @@ from mnemos.messages import (
     utcnow,
 )
 from mnemos.names import Names
-from mnemos.retry import failures, policy_for, retry_delay, should_retry
 from neuron_runtime.metrics import WorkerMetrics
 from neuron_runtime.pool import ModelPool, pool_key
 from neuron_runtime.runtimes.base import ExecutionContext
@@ -364,27 +360,23 @@ class Executor:
 
     # ------------------------------------------------------------------ record writes
 
-    def _mine(self, rec: JobRecord, attempt: int) -> bool:
-        return rec.worker_id == self.worker_id and rec.attempt == attempt and not rec.terminal
-
     def _phase(self, rec: JobRecord, phase: str) -> JobRecord | None:
-        if rec.status not in ACTIVE_STATUSES or rec.worker_id != self.worker_id:
-            return None
-        rec.status = phase  # type: ignore[assignment]
-        rec.attempts[-1].phases.append(Phase(name=phase, at=utcnow()))
-        return rec
+        return rec if lifecycle.enter_phase(rec, self.worker_id, phase, utcnow()) else None
 
     async def _write(self, ex: Execution, change: Callable[[JobRecord], JobRecord | None]) -> bool:
         """Compare-and-set ``change`` onto the record; on conflict re-read and re-apply.
 
         Returns False (and leaves the current record in ``ex``) when ``change`` declines.
+        ``change`` (a :mod:`mnemos.lifecycle` transition) edits the record in place, so it
+        gets a copy: a write that fails leaves ``ex.record`` as it was read.
         """
         async with ex.lock:
             rec = ex.record
-            for _ in range(20):
-                new = change(rec)
+            for tries in range(20):
+                new = change(decode(ex.encoded if rec is ex.record and ex.encoded else encode(rec), JobRecord))
                 if new is None:
-                    ex.record = rec
+                    if rec is not ex.record:  # re-read: the encoded copy is of the old one
+                        ex.record, ex.encoded = rec, None
                     return False
                 new.updated_at = utcnow()
                 data = encode(new)
@@ -393,12 +385,20 @@ class Executor:
                     ex.record, ex.encoded = new, data
                     return True
                 except Conflict:
-                    rec, ex.revision = await self.jobs.get(ex.job_id)
+                    pass
+                try:
+                    rec, ex.revision = await self.jobs.get(ex.job_id, fresh=True)
+                except JobNotFound:
+                    if ex.revision != 0:
+                        raise  # it was written once and is gone now
+                    # Creating it lost to the control plane's create, still in flight in a
+                    # clustered stream (not stored on the leader yet): try again shortly.
+                    rec = ex.record
+                    await asyncio.sleep(0.02 * (tries + 1))
             raise Conflict(f"job {ex.job_id} kept changing under worker {self.worker_id}")
 
     async def _claim(self, ex: Execution, warm: bool) -> bool:
         """Take the job for a new attempt; False if it is not ours to run (then acked)."""
-        first_status = "running" if warm else "loading_model"
         generation = ex.generation
         try:
             meta = ex.msg.metadata
@@ -406,73 +406,34 @@ class Executor:
             redelivered = meta.num_delivered > 1
         except Exception:  # noqa: BLE001 - not a JetStream message (never in practice)
             dispatch_seq, redelivered = None, True
-        ended_on_arrival = False
-        stale = False
+        outcome = lifecycle.Claim.STALE
 
         def claim(rec: JobRecord) -> JobRecord | None:
-            nonlocal ended_on_arrival, stale
-            if rec.terminal:
-                return None
-            if rec.dispatch != generation:  # the control plane queued the job again since
-                stale = True
-                return None
-            now = utcnow()
-            if rec.attempts and rec.attempts[-1].ended_at is None:
-                if not redelivered:
-                    # Another worker runs this generation and this is a first delivery: a
-                    # duplicate dispatch message (an idempotent re-submission). Not ours.
-                    stale = True
-                    return None
-                # We hold the redelivered message: whoever ran the previous attempt lost it.
-                lost = rec.attempts[-1]
-                lost.ended_at = now
-                lost.outcome = "lost"
-                lost.error = WorkerLost(f"worker {lost.worker_id} stopped acknowledging the job").info()
-                lost.phases.append(Phase(name="lost", at=now))
-                if failures(rec) > policy_for(rec.spec).max_retries:
-                    ended_on_arrival = True
-                    rec.status = "failed"
-                    rec.error = WorkerLost(
-                        f"gave up after {len(rec.attempts)} attempts; the last worker stopped acknowledging the job"
-                    ).info()
-                    return rec
-            if rec.status == "cancelling":
-                ended_on_arrival = True
-                rec.status = "cancelled"
-                return rec
-            queued_at = rec.updated_at
-            rec.attempt += 1
-            rec.attempts.append(
-                Attempt(
-                    attempt=rec.attempt,
-                    worker_id=self.worker_id,
-                    started_at=now,
-                    phases=[Phase(name="acquired", at=now), Phase(name=first_status, at=now)],
-                    dispatch_seq=dispatch_seq,
-                )
-            )
-            rec.status = first_status  # type: ignore[assignment]
-            rec.worker_id = self.worker_id
-            rec.timings = Timings(queue_ms=round((now - queued_at).total_seconds() * 1000.0, 3))
-            rec.output = None
-            rec.error = None
-            return rec
+            nonlocal outcome
+            outcome = lifecycle.claim(rec, self.worker_id, utcnow(), generation=generation,
+                                      redelivered=redelivered, warm=warm, dispatch_seq=dispatch_seq)
+            return rec if outcome in (lifecycle.Claim.TAKEN, lifecycle.Claim.ENDED) else None
 
-        took = await self._write(ex, claim)
-        if not took or ended_on_arrival:
-            if ex.record.terminal or stale:
-                log.debug("job %s is %s%s; dropping this message", ex.job_id, ex.record.status,
-                          " (requeued since)" if stale else "")
-                if ended_on_arrival:
-                    if self.metrics is not None and ex.record.terminal:
-                        self.metrics.job_finished(ex.record.status, ex.record.runtime)
-                    await self._announce(ex)
-                elif ex.record.terminal:
-                    await self._ensure_announced(ex)
-                await ex.msg.ack()
+        try:
+            await self._write(ex, claim)
+        except JobNotFound:
+            # The record is gone (past its retention, or deleted) while its message lived on:
+            # nothing can run or record this job. Terminated, so it is not redelivered forever.
+            log.error("job %s: its record no longer exists; terminating its dispatch message", ex.job_id)
+            await ex.msg.term()
             return False
-        log.debug("job %s attempt %d claimed (%s)", ex.job_id, ex.record.attempt, first_status)
-        return True
+        if outcome is lifecycle.Claim.TAKEN:
+            log.debug("job %s attempt %d claimed (%s)", ex.job_id, ex.record.attempt, ex.record.status)
+            return True
+        log.debug("job %s: %s on arrival (%s); dropping this message", ex.job_id, outcome.value, ex.record.status)
+        if outcome is lifecycle.Claim.ENDED:
+            if self.metrics is not None:
+                self.metrics.job_finished(ex.record.status, ex.record.runtime)
+            await self._announce(ex)
+        elif outcome is lifecycle.Claim.FINISHED:
+            await self._ensure_announced(ex)
+        await ex.msg.ack()
+        return False
 
     async def _conclude(
         self,
@@ -483,43 +444,17 @@ class Executor:
         timings: Timings,
     ) -> None:
         attempt = ex.record.attempt
-        now = utcnow()
-        retry_in: float | None = None
-        if status in ("failed", "timeout") and error is not None:
-            policy = policy_for(ex.record.spec)
-            failed = 1 + failures(ex.record)
-            if should_retry(policy, failed, error):
-                retry_in = retry_delay(policy, failed)
-        lost_race = False
+        retry_after = lifecycle.retry_in(ex.record, status, error)
+        final: str | None = None
 
         def finish(rec: JobRecord) -> JobRecord | None:
-            nonlocal lost_race, retry_in
-            if not self._mine(rec, attempt):
-                lost_race = True
-                return None
-            if rec.status == "cancelling":
-                # Cancelled before this finish was recorded: cancelled it is, whatever the run
-                # did, and never retried.
-                retry_in = None
-                final = final_status(rec.status, status)
-                current_error: ErrorInfo | None = rec.error or error
-            else:
-                final = "retrying" if retry_in is not None else status
-                current_error = error
-            rec.status = final  # type: ignore[assignment]
-            rec.output = output
-            rec.error = current_error
-            rec.timings = timings
-            timings.total_ms = round((now - rec.created_at).total_seconds() * 1000.0, 3)
-            current = rec.attempts[-1]
-            current.ended_at = now
-            current.outcome = final if final == "cancelled" else status
-            current.error = current_error
-            current.phases.append(Phase(name=current.outcome, at=now))
-            return rec
+            nonlocal final
+            final = lifecycle.finish(rec, self.worker_id, attempt, utcnow(), outcome=status, output=output,
+                                     error=error, timings=timings, retry_after=retry_after)
+            return rec if final is not None else None
 
         await self._write(ex, finish)
-        if lost_race:
+        if final is None:
             self.duplicates += 1
             log.warning(
                 "job %s: attempt %d finished here but the record moved on (%s by %s); result dropped",
@@ -529,15 +464,16 @@ class Executor:
                 await ex.msg.ack()  # nothing left to do with this message
             return
         record = ex.record
+        retrying = final == "retrying"
         log.info(
             "job %s %s (attempt %d, run %.1f ms%s)",
             record.job_id, record.status, attempt, timings.run_ms or 0.0,
-            f", retry in {retry_in:.2f}s" if retry_in is not None else "",
+            f", retry in {retry_after:.2f}s" if retrying and retry_after is not None else "",
         )
         await self._announce(ex)
-        if retry_in is not None:
-            await ex.msg.nak(delay=retry_in)
-            self.ring_when_ready(record.runtime, record.spec.priority, retry_in)
+        if retrying and retry_after is not None:
+            await ex.msg.nak(delay=retry_after)
+            self.ring_when_ready(record.runtime, record.spec.priority, retry_after)
             return
         if record.status == "completed":
             self.completed += 1
@@ -590,13 +526,7 @@ class Executor:
         record = ex.record
         if record.reply_to and record.terminal:
             await self.nc.publish(record.reply_to, ex.encoded or encode(record))
-        final = ResultFinal(
-            job_id=record.job_id,
-            attempt=record.attempt,
-            status=record.status,
-            output=record.output,
-            error=record.error,
-        )
+        final = ResultFinal.of(record)
         await self.jobs.publisher.publish(self.names.results_subject(record.job_id), encode(final))
 
     async def hand_back(self, ex: Execution) -> None:
@@ -604,15 +534,7 @@ class Executor:
         attempt = ex.record.attempt
 
         def release(rec: JobRecord) -> JobRecord | None:
-            if not self._mine(rec, attempt):
-                return None
-            now = utcnow()
-            rec.status = "queued"
-            handed = rec.attempts[-1]
-            handed.ended_at = now
-            handed.outcome = "handed_back"
-            handed.phases.append(Phase(name="handed_back", at=now))
-            return rec
+            return rec if lifecycle.hand_back(rec, self.worker_id, attempt, utcnow()) else None
 
         try:
             await self._write(ex, release)

@@ -25,7 +25,7 @@ async def test_control_plane_killed_and_restarted() -> None:
 
 
 async def test_nats_node_killed_in_a_three_node_cluster() -> None:
-    res = await run_chaos(ChaosOptions(jobs=400, workers=2, kill_every=1.0, cluster=True, kill_nats_node=True,
+    res = await run_chaos(ChaosOptions(jobs=400, workers=2, kill_every=1.0, cluster=True, kill_nats_node="restart",
                                        rate=80, deadline_s=150, quiet=True))
     assert res.nats_kills == 1, res.summary()
     assert res.submitted == 400 and res.lost == 0 and res.duplicated == 0, res.summary()

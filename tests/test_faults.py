@@ -170,3 +170,50 @@ async def test_a_paused_worker_takes_no_job_after_its_reply(
         await other.drain()
         await nc.request(names.worker_control_subject(paused.worker_id), encode(WorkerCommand(command="resume")),
                          timeout=5)
+
+
+async def test_a_job_queued_again_without_its_message_still_runs(
+    control_plane: Any, start_worker: Any, demo_fn: Any, client: Client, nc: Any, names: Names
+) -> None:
+    """A control plane that dies between recording "queued again" and publishing the new
+    dispatch message (the chaos run's lost jobs) leaves a record with no message: a sweep
+    sends it again (the stream drops it when the first one is there)."""
+    from control_plane.reaper import ReaperTimings
+
+    control_plane.reaper.timings = ReaperTimings(requeue_check_s=0.5)
+    job = await client.submit(job_spec("demo-fn:v1", function="add", args=[20, 22]))
+    assert job.queued_seq is not None
+    await nc.jetstream().delete_msg(names.dispatch_stream, job.queued_seq)  # the message never got out
+
+    def queued_again(rec: JobRecord) -> JobRecord:
+        rec.dispatch += 1  # what the reaper records before it publishes
+        return rec
+
+    await control_plane.jobs.mutate(job.job_id, queued_again)
+    worker = await start_worker(runtimes=["python"])
+    done = await client.wait(job.job_id, timeout=30)
+    assert done.status == "completed" and done.output is not None and done.output.result == 42
+    assert done.worker_id == worker.worker_id and done.dispatch == 1
+    assert control_plane.reaper.repaired == 1
+
+
+async def test_a_message_whose_record_is_gone_is_dropped_not_redelivered_forever(
+    control_plane: Any, start_worker: Any, demo_fn: Any, client: Client, nc: Any, names: Names
+) -> None:
+    from mnemos.messages import JobSpec, new_job_id, utcnow
+
+    await start_worker(runtimes=["python"], ack_wait_s=3.0)
+    now = utcnow()
+    ghost = JobRecord(job_id=new_job_id(), status="queued", runtime="python", created_at=now, updated_at=now,
+                      spec=decode(encode({"model": {"family": "demo-fn", "version": "v1"}}), JobSpec))
+    js = nc.jetstream()
+    # Queued at revision 7 of a record that has expired since.
+    await js.publish(names.dispatch_subject("python", 5, "demo-fn", "v1"),
+                     encode({"type": "io.mnemos.v1.dispatch", "record": ghost, "revision": 7}))
+
+    async def drained() -> bool:
+        return (await js.stream_info(names.dispatch_stream)).state.messages == 0
+
+    await assert_eventually(drained, timeout=20, message="the orphaned message stayed in the stream")
+    done = await client.run(job_spec("demo-fn:v1", function="add", args=[1, 1]), timeout=30)
+    assert done.status == "completed"
