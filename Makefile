@@ -24,10 +24,10 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check mnemos control_plane neuron_runtime registry loadtest tests
+	$(BIN)/ruff check mnemos control_plane neuron_runtime registry loadtest launchers tests
 
 typecheck: $(STAMP)
-	$(BIN)/mypy mnemos control_plane neuron_runtime registry loadtest
+	$(BIN)/mypy mnemos control_plane neuron_runtime registry loadtest launchers
 
 bench: $(STAMP)
 	$(BIN)/python -m loadtest bench noop

@@ -19,7 +19,7 @@ from nats.aio.client import Client as NATS
 
 from mnemos.errors import QueueFull
 from mnemos.names import Names
-from mnemos.tasks import cancel_and_wait
+from mnemos.tasks import Supervisor, cancel_and_wait
 
 __all__ = ["QueueDepth"]
 
@@ -27,8 +27,14 @@ log = logging.getLogger("mnemos.control_plane")
 
 
 class QueueDepth:
-    def __init__(self, nc: NATS, names: Names, limit: int, refresh_s: float = 0.25) -> None:
+    """Queued jobs per runtime (and per priority level), refreshed by one-shot tasks of
+    ``supervisor`` (named ``queue-depth-refresh``; a failed refresh is logged and retried,
+    never fatal)."""
+
+    def __init__(self, nc: NATS, names: Names, limit: int, refresh_s: float = 0.25,
+                 supervisor: Supervisor | None = None) -> None:
         self.nc = nc
+        self.supervisor = supervisor if supervisor is not None else Supervisor("control-plane")
         self.names = names
         self.limit = limit
         self.refresh_s = refresh_s
@@ -41,7 +47,7 @@ class QueueDepth:
     def check(self, runtime: str) -> None:
         """Raise QueueFull if ``runtime``'s queue is at the bound; refresh the counts if stale."""
         if time.monotonic() - self._at > self.refresh_s and (self._refreshing is None or self._refreshing.done()):
-            self._refreshing = asyncio.create_task(self.refresh())
+            self._refreshing = self._spawn_refresh()
         queued = self.by_runtime.get(runtime, 0)
         if queued >= self.limit:
             raise QueueFull(
@@ -55,8 +61,12 @@ class QueueDepth:
         if self._closed or time.monotonic() - self._at <= self.refresh_s:
             return
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.create_task(self.refresh())
-        await asyncio.shield(self._refreshing)  # a cancelled scrape leaves it to finish
+            self._refreshing = self._spawn_refresh()
+        if self._refreshing is not None:
+            await asyncio.shield(self._refreshing)  # a cancelled scrape leaves it to finish
+
+    def _spawn_refresh(self) -> asyncio.Task[None] | None:
+        return self.supervisor.spawn_oneshot("queue-depth-refresh", self.refresh())
 
     async def close(self) -> None:
         """Stop a refresh in flight and start no more for scrapes (control-plane shutdown)."""

@@ -24,16 +24,18 @@ from dataclasses import dataclass
 
 from nats.js import JetStreamContext
 
+from mnemos.connection import unavailable_from
 from mnemos.errors import Conflict, MnemosError
 from mnemos.jobstore import JobStore
-from mnemos.tasks import cancel_and_wait
 from mnemos.messages import JobRecord
+from mnemos.tasks import Supervisor
 
 __all__ = ["DeferredRecords"]
 
 log = logging.getLogger("mnemos.control_plane")
 
 _ROUND_S = 0.25
+_TASK = "deferred-records"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,11 +56,14 @@ class DeferredRecords:
         self.delay_s = delay_s
         self._due: collections.deque[_Due] = collections.deque()
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
 
-    def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._loop(), name="deferred-records")
+    def start(self, supervisor: Supervisor) -> None:
+        """Run the loop as ``supervisor``'s task ``deferred-records``: if it dies, queued
+        run-jobs would stay invisible, so its death is the control plane's fatal error."""
+        if self._supervisor is None:
+            self._supervisor = supervisor
+            supervisor.spawn(_TASK, self._loop())
 
     def add(self, record: JobRecord, consumer: str, seq: int) -> None:
         """Track a run-job dispatched as stream sequence ``seq`` for ``consumer``."""
@@ -67,8 +72,9 @@ class DeferredRecords:
 
     async def stop(self) -> None:
         """Write every pending record now (bounded), then stop."""
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            await supervisor.stop(_TASK)
         pending = [self._write(d.record) for d in self._due]
         self._due.clear()
         if pending:
@@ -113,5 +119,9 @@ class DeferredRecords:
             log.debug("job %s still queued after %.1fs: record written", record.job_id, self.delay_s)
         except Conflict:
             pass  # a worker claimed it first: its record is the one
-        except MnemosError as e:
+        except Exception as e:
+            # NATS cannot take it now: the worker's claim still creates the record. Anything
+            # else is a bug, and ends the loop loudly.
+            if not isinstance(e, MnemosError) and unavailable_from(e) is None:
+                raise
             log.warning("could not write the queued record of %s: %r", record.job_id, e)

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import msgspec
 from nats.js.kv import KeyValue
@@ -30,7 +30,7 @@ from sortedcontainers import SortedList
 
 from mnemos.lifecycle import HELD_STATUSES
 
-__all__ = ["JobIndex", "IndexEntry"]
+__all__ = ["JobIndex", "IndexEntry", "DEAD_LETTER"]
 
 log = logging.getLogger("mnemos.control_plane.index")
 
@@ -49,17 +49,22 @@ class _ModelView(msgspec.Struct):
 class _SpecView(msgspec.Struct):
     model: _ModelView
     timeout_seconds: float = 300.0
+    queue_timeout_seconds: float | None = None
 
 
 class _RecordView(msgspec.Struct, tag="io.mnemos.v1.job", tag_field="type"):
     job_id: str
     status: str
     spec: _SpecView
+    runtime: str
+    updated_at: datetime
     tenant: str | None = None
     worker_id: str | None = None
     attempt: int = 0
     dispatch: int = 0
     attempts: list[_AttemptView] = []
+    queued_seq: int | None = None
+    dead_letter: bool = False
 
 
 _decoder = msgspec.json.Decoder(_RecordView)
@@ -80,8 +85,16 @@ class IndexEntry:
     dispatch_seq: int | None
     #: The record's dispatch generation (0: as submitted; more: queued again by a control plane).
     dispatch: int = 0
+    runtime: str = ""
+    dead_letter: bool = False
+    queue_timeout_s: float | None = None
+    #: Stream sequence of the message that queued this generation, where the record says
+    #: (the first dispatch's; a later generation's is not in the record).
+    queued_seq: int | None = None
     #: ``time.monotonic()`` when this process saw the current attempt start / the cancel
-    #: requested (its own clock: deadlines never depend on another machine's).
+    #: requested (its own clock: deadlines never depend on another machine's). A job
+    #: already queued when this process first saw it counts from the record's
+    #: ``updated_at`` (the writer's clock), so a restart does not reset its queue time.
     held_since: float | None = None
     cancelling_since: float | None = None
     queued_since: float | None = None
@@ -92,6 +105,8 @@ class IndexEntry:
 
 
 _ListKey = tuple[str | None, str | None]  # (tenant or None: all, status or None: all)
+#: The list of dead-lettered jobs (a pseudo-status of the index: failed/timeout, retries used up).
+DEAD_LETTER = "dead_letter"
 
 
 class JobIndex:
@@ -102,8 +117,8 @@ class JobIndex:
         self.entries: dict[str, IndexEntry] = {}
         self._lists: dict[_ListKey, SortedList] = {}
         self._by_worker: dict[str, set[str]] = {}
-        #: Jobs queued again by a control plane (dispatch generation > 0), not yet claimed.
-        self._requeued: set[str] = set()
+        #: Jobs waiting in the queue (``queued``, any dispatch generation).
+        self._waiting: set[str] = set()
         #: Set once the bucket's contents at start have been read.
         self.ready = asyncio.Event()
         self.malformed = 0
@@ -161,8 +176,11 @@ class JobIndex:
             cancelling_since = old.cancelling_since if old is not None and old.cancelling_since else now
         queued_since = None
         if view.status == "queued":
-            same = old is not None and old.queued_since is not None and old.dispatch == view.dispatch
-            queued_since = old.queued_since if same and old is not None else now
+            if old is not None and old.queued_since is not None and old.dispatch == view.dispatch:
+                queued_since = old.queued_since
+            else:
+                age = (datetime.now(UTC) - view.updated_at).total_seconds()
+                queued_since = now - max(0.0, age)
         entry = IndexEntry(
             job_id=key,
             status=view.status,
@@ -173,6 +191,10 @@ class JobIndex:
             timeout_s=view.spec.timeout_seconds,
             dispatch_seq=last.dispatch_seq if last is not None else None,
             dispatch=view.dispatch,
+            runtime=view.runtime,
+            dead_letter=view.dead_letter,
+            queue_timeout_s=view.spec.queue_timeout_seconds,
+            queued_seq=view.queued_seq if view.dispatch == 0 else None,
             held_since=held_since,
             cancelling_since=cancelling_since,
             queued_since=queued_since,
@@ -192,10 +214,11 @@ class JobIndex:
         self._remove(job_id)
 
     def _keys(self, e: IndexEntry) -> list[_ListKey]:
-        keys: list[_ListKey] = [(None, None), (None, e.status)]
-        if e.tenant is not None:
-            keys += [(e.tenant, None), (e.tenant, e.status)]
-        return keys
+        statuses: list[str | None] = [None, e.status]
+        if e.dead_letter:
+            statuses.append(DEAD_LETTER)
+        tenants: list[str | None] = [None] if e.tenant is None else [None, e.tenant]
+        return [(t, s) for t in tenants for s in statuses]
 
     def _link(self, e: IndexEntry) -> None:
         for k in self._keys(e):
@@ -205,8 +228,8 @@ class JobIndex:
             lst.add(e.job_id)
         if e.worker_id is not None:
             self._by_worker.setdefault(e.worker_id, set()).add(e.job_id)
-        if e.status == "queued" and e.dispatch > 0:
-            self._requeued.add(e.job_id)
+        if e.status == "queued":
+            self._waiting.add(e.job_id)
 
     def _unlink(self, e: IndexEntry) -> None:
         for k in self._keys(e):
@@ -221,7 +244,7 @@ class JobIndex:
                 held.discard(e.job_id)
                 if not held:
                     del self._by_worker[e.worker_id]
-        self._requeued.discard(e.job_id)
+        self._waiting.discard(e.job_id)
 
     # ------------------------------------------------------------------ queries
 
@@ -234,11 +257,16 @@ class JobIndex:
         cursor: str | None,
         limit: int,
         max_scan: int,
+        dead_letter: bool = False,
     ) -> tuple[list[str], str | None]:
         """Up to ``limit`` job ids, newest first, below ``cursor``; and the cursor of the next
         page (None: no more). At most ``max_scan`` ids are looked at: a filter no index
-        covers (``model``) may give a short page that still has a next cursor."""
-        keys = [(tenant, s) for s in sorted(statuses)] if statuses else [(tenant, None)]
+        covers (``model``; ``statuses`` with ``dead_letter``) may give a short page that
+        still has a next cursor."""
+        if dead_letter:
+            keys: list[_ListKey] = [(tenant, DEAD_LETTER)]
+        else:
+            keys = [(tenant, s) for s in sorted(statuses)] if statuses else [(tenant, None)]
         runs = [
             lst.irange(maximum=cursor, inclusive=(True, False), reverse=True)
             for k in keys if (lst := self._lists.get(k)) is not None
@@ -246,7 +274,8 @@ class JobIndex:
         ids: Iterator[str] = heapq.merge(*runs, reverse=True) if len(runs) > 1 else iter(runs[0] if runs else ())
         out: list[str] = []
         for scanned, job_id in enumerate(ids, start=1):
-            if model is None or self.entries[job_id].model == model:
+            e = self.entries[job_id]
+            if (model is None or e.model == model) and (not dead_letter or not statuses or e.status in statuses):
                 out.append(job_id)
                 if len(out) > limit:
                     return out[:limit], out[limit - 1]
@@ -270,9 +299,9 @@ class JobIndex:
                 if entry is not None:
                     yield entry
 
-    def requeued(self) -> list[IndexEntry]:
-        """Jobs a control plane queued again (a retry, a lost attempt) that no worker claimed yet."""
-        return [self.entries[j] for j in self._requeued]
+    def waiting(self) -> list[IndexEntry]:
+        """Jobs in the queue that no worker claimed yet."""
+        return [self.entries[j] for j in self._waiting]
 
     def __len__(self) -> int:
         return len(self.entries)

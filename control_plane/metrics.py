@@ -6,24 +6,29 @@ workers by status are read at scrape time from what the control plane keeps anyw
 backpressure counts of the dispatch stream (refreshed before a scrape if stale) and the
 reaper's watch of the workers bucket. Those two are the same for every control plane of a
 deployment: aggregate them with ``max``, not ``sum``.
+
+:class:`MicroStats` keeps what ``nats micro stats`` shows for each endpoint.
 """
 
 from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import get_args
 
+from nats.micro.service import EndpointStats
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 
 from control_plane.backpressure import QueueDepth
 from control_plane.reaper import Reaper
+from mnemos.errors import MnemosError
 from mnemos.messages import WorkerStatus
 from mnemos.metrics import LATENCY_BUCKETS
 from mnemos.names import PRIORITIES, RUNTIMES
 
-__all__ = ["ControlPlaneMetrics", "OK"]
+__all__ = ["ControlPlaneMetrics", "MicroStats", "OK"]
 
 #: The ``code`` label of a request that succeeded (failures carry their error code).
 OK = "ok"
@@ -50,6 +55,8 @@ class ControlPlaneMetrics:
         self.registry.register(self._state)
         # Label children resolved once: a request costs two locked adds, no label lookup.
         self._per_request: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        #: The numbers of ``$SRV.STATS`` (``nats micro stats``), per micro endpoint.
+        self.micro = MicroStats()
 
     def watch(self, depth: QueueDepth, reaper: Reaper) -> None:
         """Report the queue depth and the workers these two know (once they run)."""
@@ -71,6 +78,50 @@ class ControlPlaneMetrics:
 
     def job_finished(self, status: str, runtime: str) -> None:
         self.jobs_finished.labels(status, runtime).inc()
+
+
+@dataclass
+class _Served:
+    """One endpoint's answered requests: how many, how many errors, their time."""
+
+    answered: int = 0
+    errors: int = 0
+    processing_ns: int = 0
+    last_error: str = ""
+
+
+class MicroStats:
+    """What ``nats micro stats`` shows for each endpoint, kept here.
+
+    nats.micro times and counts the handler it calls; ours starts a task per request and
+    returns, so it would see no error and almost no time. This counts each request when
+    its task ends, and is the service's ``stats_handler``: nats.micro calls it for every
+    endpoint's :class:`EndpointStats` as it answers ``$SRV.STATS`` and sends that object,
+    so it fills in the errors and times (nats.micro's own count of requests received
+    stays: it is exact, in-flight ones included).
+    """
+
+    def __init__(self) -> None:
+        self._served: dict[str, _Served] = {}
+
+    def served(self, endpoint: str, elapsed_ns: int, error: MnemosError | None) -> None:
+        """Count a request of micro endpoint ``endpoint`` as answered (with ``error``, if any)."""
+        served = self._served.get(endpoint)
+        if served is None:
+            served = self._served[endpoint] = _Served()
+        served.answered += 1
+        served.processing_ns += elapsed_ns
+        if error is not None:
+            served.errors += 1
+            served.last_error = f"{error.code}: {error.message}"
+
+    def __call__(self, stats: EndpointStats) -> None:
+        """Fill in ``stats`` (its ``data``, what this returns, stays null)."""
+        served = self._served.get(stats.name, _Served())
+        stats.num_errors = served.errors
+        stats.last_error = served.last_error or None
+        stats.processing_time = served.processing_ns
+        stats.average_processing_time = served.processing_ns // max(1, served.answered)
 
 
 class _StateCollector:

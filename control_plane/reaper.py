@@ -36,9 +36,10 @@ from nats.aio.subscription import Subscription
 from nats.js.kv import KeyValue
 
 from control_plane.index import IndexEntry, JobIndex
+from mnemos.connection import patiently
 from mnemos.errors import JobNotFound, MnemosError, ValidationFailed
 from mnemos.jobstore import JobStore
-from mnemos.lifecycle import confirm_cancel, expire_attempt, lose_attempt
+from mnemos.lifecycle import confirm_cancel, expire_attempt, expire_in_queue, lose_attempt
 from mnemos.messages import JobRecord, WorkerRecord, decode, utcnow
 from mnemos.names import Names
 from mnemos.tasks import Supervisor
@@ -67,10 +68,13 @@ class ReaperTimings:
     cancel_resend_s: float = 2.0
     #: A held job whose worker this process has not heard of for this long is recovered.
     orphan_after_s: float = 15.0
-    #: A job queued again this long ago and still unclaimed has its dispatch message sent
-    #: again (stored only if missing: a control plane that died between writing the record
-    #: and the message left it without one).
+    #: A job queued this long ago and still unclaimed has its dispatch message checked: one
+    #: that is missing (a control plane died between writing the record and the message)
+    #: is sent again. Checked again every ``requeue_recheck_s`` while it waits.
     requeue_check_s: float = 10.0
+    requeue_recheck_s: float = 60.0
+    #: At most this many waiting jobs are checked per sweep (each check is one read).
+    requeue_checks_per_sweep: int = 64
 
 
 @dataclass(frozen=True)
@@ -78,8 +82,15 @@ class JobActions:
     """What the reaper asks of the control plane after it changed a job."""
 
     #: Queue ``record`` again (at KV revision): (stream sequence, whether a message was stored
-    #: now rather than found there). Raises MnemosError when it cannot.
+    #: now rather than found there within the stream's duplicate window). Raises
+    #: MnemosError when it cannot.
     requeue: Callable[[JobRecord, int], Awaitable[tuple[int, bool]]]
+    #: Queue ``record`` with a new message even if one of its generation was sent before
+    #: (that one is gone); its stream sequence.
+    redispatch: Callable[[JobRecord, int], Awaitable[int]]
+    #: Whether the dispatch message at a stream sequence is there and queues
+    #: (job id, generation).
+    message_exists: Callable[[int, str, int], Awaitable[bool]]
     #: The final message on the result stream, and the answer to a waiting ``jobs.run``.
     announce: Callable[[JobRecord], Awaitable[None]]
     #: Delete a dispatch message by stream sequence.
@@ -116,7 +127,10 @@ class Reaper:
         self.timed_out = 0
         self.cancels_confirmed = 0
         self.repaired = 0
-        self._requeue_checked: dict[str, int] = {}  # job id -> dispatch generation checked
+        #: Waiting jobs checked: job id -> (generation, monotonic time of the check, the
+        #: stream sequence of its message if known).
+        self._checked: dict[str, tuple[int, float, int | None]] = {}
+        self.queue_timeouts = 0
         self._heard: dict[str, float] = {}  # worker id -> monotonic time of its last sign of life
         #: Workers that deregistered (id -> their registration time): a heartbeat that was
         #: sent before the deletion but arrives after it must not bring them back.
@@ -138,7 +152,7 @@ class Reaper:
         self._started_at = self._last_tick = time.monotonic()
         self._reconnects = self.nc.stats["reconnects"]
         self._sub = await self.nc.subscribe(self.names.heartbeat_all, cb=self._on_heartbeat)
-        watcher = await self.workers.watchall()
+        watcher = await patiently(self.workers.watchall, "watch the workers bucket")
         self.supervisor.spawn("reaper-workers", self._follow(watcher))
         self.supervisor.spawn("reaper-sweep", self._sweep_loop())
 
@@ -243,16 +257,7 @@ class Reaper:
             if entry.job_id in self._busy:
                 continue
             self._check_held(entry, now)
-        requeued = self.index.requeued()
-        for entry in requeued:
-            if self._requeue_checked.get(entry.job_id) == entry.dispatch or entry.job_id in self._busy:
-                continue
-            if entry.queued_since is not None and now - entry.queued_since > t.requeue_check_s:
-                self._requeue_checked[entry.job_id] = entry.dispatch
-                self._spawn(self._ensure_dispatched(entry.job_id, entry.dispatch))
-        if len(self._requeue_checked) > 2 * len(requeued) + 1000:
-            waiting = {e.job_id for e in requeued}
-            self._requeue_checked = {j: g for j, g in self._requeue_checked.items() if j in waiting}
+        self._check_waiting(now)
         for job_id in [j for j in self._orphans if j not in self.index.entries or not self.index.entries[j].held]:
             del self._orphans[job_id]
         for worker_id in [w for w, (_, at) in self._left.items() if now - at > _FORGET_LEFT_S]:
@@ -284,21 +289,65 @@ class Reaper:
             self._spawn_settle(entry.job_id, f"past its timeout on {worker_id}",
                                lambda rec: expire_attempt(rec, attempt, utcnow()), stop_worker=True)
 
-    async def _ensure_dispatched(self, job_id: str, generation: int) -> None:
-        """A job queued again a while ago is still unclaimed: send its dispatch message again.
-        The stream drops it as a duplicate if the first one is there (the usual case); if not,
-        this is the message that was never written."""
-        try:
-            record, revision = await self.jobs.get(job_id)
-        except JobNotFound:
-            return
+    def _check_waiting(self, now: float) -> None:
+        """Queue deadlines, and the dispatch messages of jobs that wait long."""
+        t = self.timings
+        waiting = self.index.waiting()
+        checks = 0
+        for entry in waiting:
+            job_id, since = entry.job_id, entry.queued_since
+            if since is None or job_id in self._busy:
+                continue
+            waited = now - since
+            if entry.queue_timeout_s is not None and waited > entry.queue_timeout_s:
+                generation = entry.dispatch
+                self.queue_timeouts += 1
+                self._spawn_settle(job_id, f"waited {waited:.1f}s in the queue",
+                                   lambda rec, g=generation, w=waited: expire_in_queue(rec, g, w),  # type: ignore[misc]
+                                   stop_worker=False)
+                continue
+            if waited <= t.requeue_check_s or checks >= t.requeue_checks_per_sweep:
+                continue
+            checked = self._checked.get(job_id)
+            if checked is not None and checked[0] == entry.dispatch and now - checked[1] < t.requeue_recheck_s:
+                continue
+            checks += 1
+            seq = checked[2] if checked is not None and checked[0] == entry.dispatch else entry.queued_seq
+            self._checked[job_id] = (entry.dispatch, now, seq)
+            self._spawn(self._ensure_dispatched(job_id, entry.dispatch, seq))
+        if len(self._checked) > 2 * len(waiting) + 1000:
+            ids = {e.job_id for e in waiting}
+            self._checked = {j: c for j, c in self._checked.items() if j in ids}
+
+    async def _ensure_dispatched(self, job_id: str, generation: int, seq: int | None) -> None:
+        """A job queued a while ago is still unclaimed: make sure its dispatch message exists.
+
+        Where the message's sequence is unknown (a later generation, after a restart) it is
+        sent again under its own message id: the stream drops that as a duplicate while it
+        remembers the first (the usual case), and the ack names the first one's sequence.
+        A message that is not there is replaced by a new one.
+        """
+        record, revision = await self.jobs.get(job_id, fresh=True)
         if record.status != "queued" or record.dispatch != generation:
             return
-        _, stored = await self.actions.requeue(record, revision)
-        if stored:
-            self.repaired += 1
-            log.warning("job %s was queued without its dispatch message (a control plane stopped between "
-                        "writing the record and the message); queued it now", job_id)
+        if seq is None:
+            seq, stored = await self.actions.requeue(record, revision)
+            self._checked[job_id] = (generation, time.monotonic(), seq)
+            if stored:
+                self._repaired(job_id, "a control plane stopped between writing the record and the message")
+                return
+        if await self.actions.message_exists(seq, job_id, generation):
+            return
+        record, revision = await self.jobs.get(job_id, fresh=True)  # claimed (and done) meanwhile?
+        if record.status != "queued" or record.dispatch != generation:
+            return
+        seq = await self.actions.redispatch(record, revision)
+        self._checked[job_id] = (generation, time.monotonic(), seq)
+        self._repaired(job_id, f"its message (sequence {seq}) was gone")
+
+    def _repaired(self, job_id: str, why: str) -> None:
+        self.repaired += 1
+        log.warning("job %s waited without a dispatch message (%s); queued it again", job_id, why)
 
     # ------------------------------------------------------------------ settling one job
 
@@ -308,6 +357,8 @@ class Reaper:
                 await coro
             except MnemosError as e:
                 log.warning("reaper action failed: %r", e)
+            except Exception:  # a one-shot action: logged, and the next sweep tries again
+                log.exception("reaper action failed")
 
         task = asyncio.create_task(run())
         self._settling.add(task)
@@ -323,6 +374,8 @@ class Reaper:
                 await self.settle(job_id, why, change, stop_worker=stop_worker)
             except MnemosError as e:
                 log.error("could not settle job %s (%s): %r", job_id, why, e)
+            except Exception:
+                log.exception("could not settle job %s (%s)", job_id, why)
             finally:
                 self._busy.discard(job_id)
                 self._resent.pop(job_id, None)
@@ -352,7 +405,10 @@ class Reaper:
         if not changed:
             return None
         ended = record.attempts[-1] if record.attempts else None
-        if ended is not None and ended.outcome == "timeout":
+        if record.error is not None and record.error.code == "queue_timeout":
+            if record.dispatch == 0 and record.queued_seq is not None:
+                await self.actions.drop_message(record.queued_seq)  # never to be pulled
+        elif ended is not None and ended.outcome == "timeout":
             self.timed_out += 1
         elif record.status == "cancelled":
             self.cancels_confirmed += 1
@@ -367,7 +423,8 @@ class Reaper:
             delay = 0.1
             while True:  # the record says queued: its message must get out
                 try:
-                    await self.actions.requeue(record, revision)
+                    seq, _ = await self.actions.requeue(record, revision)
+                    self._checked[job_id] = (record.dispatch, time.monotonic(), seq)
                     break
                 except MnemosError as e:
                     log.warning("requeueing job %s failed (%r); retrying", job_id, e)

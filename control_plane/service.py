@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
-from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
@@ -33,7 +33,19 @@ from control_plane.metrics import OK, ControlPlaneMetrics
 from control_plane.reaper import JobActions, Reaper, ReaperTimings
 from mnemos.catalog import ModelCatalog
 from mnemos.config import NatsSettings
-from mnemos.connection import barrier, unavailable_from
+from mnemos.connection import barrier, patiently, unavailable_from
+from mnemos.endpoints import (
+    JOBS_CANCEL,
+    JOBS_GET,
+    JOBS_LIST,
+    JOBS_RETRY,
+    JOBS_RUN,
+    JOBS_SUBMIT,
+    MODELS_GET,
+    MODELS_LIST,
+    WORKERS_LIST,
+    bind,
+)
 from mnemos.errors import (
     Conflict,
     Internal,
@@ -63,12 +75,14 @@ from mnemos.messages import (
     ListJobs,
     ListModels,
     ListWorkers,
+    Dispatch,
     ModelList,
     ModelRecord,
     TERMINAL_STATUSES,
     ResultFinal,
     decode_result,
     RetryJob,
+    Waiting,
     WorkerList,
     decode,
     encode,
@@ -79,22 +93,9 @@ from mnemos.names import HDR_MSG_ID, HDR_TENANT, RUNTIMES, SERVICE_NAME, SERVICE
 from mnemos.runtime_config import job_runtime_config
 from mnemos.tasks import Supervisor
 
-__all__ = ["ControlPlane", "ENDPOINTS"]
+__all__ = ["ControlPlane"]
 
 log = logging.getLogger("mnemos.control_plane")
-
-#: Endpoint subject suffix -> micro endpoint name.
-ENDPOINTS: dict[str, str] = {
-    "jobs.submit": "jobs-submit",
-    "jobs.run": "jobs-run",
-    "jobs.get": "jobs-get",
-    "jobs.list": "jobs-list",
-    "jobs.cancel": "jobs-cancel",
-    "jobs.retry": "jobs-retry",
-    "workers.list": "workers-list",
-    "models.list": "models-list",
-    "models.get": "models-get",
-}
 
 
 class ControlPlane:
@@ -154,25 +155,38 @@ class ControlPlane:
             self.deferred = DeferredRecords(
                 self.jobs, self.js, self.names.dispatch_stream, self.settings.run_record_delay_s
             )
-            self.deferred.start()
+            self.deferred.start(self.supervisor)
         self.catalog = ModelCatalog(self.layout.models)
-        await self.catalog.start()
+        await self.catalog.start(self.supervisor)
         self.depth = QueueDepth(self.nc, self.names, self.settings.max_queued_per_runtime,
-                                self.settings.queue_depth_refresh_s)
+                                self.settings.queue_depth_refresh_s, self.supervisor)
         await self.depth.refresh()
         self.index = JobIndex(self.layout.jobs)
-        await self.index.open()
+        await patiently(self.index.open, "open the job index")
         self.supervisor.spawn("job-index", self.index.follow())
         self.reaper = Reaper(
             self.nc, self.names, self.layout.workers, self.jobs, self.index,
-            JobActions(requeue=self._dispatch_once, announce=self._announce_final,
-                       drop_message=self._drop_dispatch_message, signal_cancel=self._signal_cancel),
+            JobActions(requeue=self._dispatch_once, redispatch=self._redispatch, message_exists=self._queues,
+                       announce=self._announce_final, drop_message=self._drop_dispatch_message,
+                       signal_cancel=self._signal_cancel),
             ReaperTimings(timeout_grace_s=self.settings.timeout_grace_s,
                           cancel_confirm_s=self.settings.cancel_confirm_s),
             self.supervisor,
         )
         await self.reaper.start()
         self.metrics.watch(self.depth, self.reaper)
+        # Every declared endpoint (mnemos.endpoints) with its handler, or start() fails here.
+        routes = bind({
+            JOBS_SUBMIT: self._submit,
+            JOBS_RUN: self._run,
+            JOBS_GET: self._get,
+            JOBS_LIST: self._list,
+            JOBS_CANCEL: self._cancel,
+            JOBS_RETRY: self._retry,
+            WORKERS_LIST: self._workers_list,
+            MODELS_LIST: self._models_list,
+            MODELS_GET: self._models_get,
+        })
         self.service = await add_service(
             self.nc,
             name=SERVICE_NAME,
@@ -180,24 +194,14 @@ class ControlPlane:
             description="MNEMOS control plane: job API, dispatch and state over JetStream",
             metadata={"namespace": self.names.prefix},
             queue_group=self.names.api_queue_group,
+            stats_handler=self.metrics.micro,
         )
-        handlers: dict[str, Callable[[Request], Awaitable[None]]] = {
-            "jobs.submit": self._submit,
-            "jobs.run": self._run,
-            "jobs.get": self._get,
-            "jobs.list": self._list,
-            "jobs.cancel": self._cancel,
-            "jobs.retry": self._retry,
-            "workers.list": self._workers_list,
-            "models.list": self._models_list,
-            "models.get": self._models_get,
-        }
-        for endpoint, name in ENDPOINTS.items():
+        for endpoint, handler in routes:
             await self.service.add_endpoint(
-                name=name,
-                subject=self.names.api_subject(endpoint),
-                handler=self._concurrent(handlers[endpoint], name),
-                metadata={"endpoint": endpoint},
+                name=endpoint.micro_name,
+                subject=endpoint.subject(self.names),
+                handler=self._concurrent(handler, endpoint.micro_name),
+                metadata={"endpoint": endpoint.name},
             )
         await barrier(self.nc)  # every endpoint is subscribed on the server when start() returns
         log.info("control plane serving %s.* (service id %s)", self.names.api_prefix, self.service.id)
@@ -257,7 +261,7 @@ class ControlPlane:
                 self.admission.admit()
             except Unavailable as e:
                 await self._respond_error(req, e)
-                self.metrics.request(endpoint, e.code, 0.0)
+                self._account(endpoint, 0, e)
                 return
             task = asyncio.create_task(self._serve(fn, req, endpoint))
             self._tasks.add(task)
@@ -266,17 +270,11 @@ class ControlPlane:
         return handler
 
     def _account(self, endpoint: str, elapsed_ns: int, error: MnemosError | None) -> None:
-        """Keep ``$SRV.STATS`` truthful: nats.micro only sees the handler that spawns the
-        task, so the task's time and errors are added to the endpoint's counters here
-        (nats-py 2.16 keeps them in these attributes; a missing one is skipped)."""
-        ep = next((e for e in getattr(self.service, "_endpoints", []) if getattr(e, "_name", "") == endpoint), None)
-        if ep is None or not hasattr(ep, "_processing_time"):
-            return
-        ep._processing_time += elapsed_ns
-        ep._average_processing_time = int(ep._processing_time / max(1, ep._num_requests))
-        if error is not None:
-            ep._num_errors += 1
-            ep._last_error = f"{error.code}: {error.message}"
+        """Count an answered (or shed) request of micro endpoint ``endpoint``: in the
+        Prometheus metrics and in what ``$SRV.STATS`` shows (nats.micro sees only the
+        handler that starts the task; see :class:`~control_plane.metrics.MicroStats`)."""
+        self.metrics.request(endpoint, error.code if error is not None else OK, elapsed_ns / 1e9)
+        self.metrics.micro.served(endpoint, elapsed_ns, error)
 
     async def _serve(self, fn: Callable[[Request], Awaitable[None]], req: Request, endpoint: str) -> None:
         started = time.perf_counter_ns()
@@ -298,9 +296,7 @@ class ControlPlane:
             await self._respond_error(req, error)
         finally:
             self.admission.release()
-            elapsed_ns = time.perf_counter_ns() - started
-            self._account(endpoint, elapsed_ns, error)
-            self.metrics.request(endpoint, error.code if error is not None else OK, elapsed_ns / 1e9)
+            self._account(endpoint, time.perf_counter_ns() - started, error)
 
     async def _respond_error(self, req: Request, err: MnemosError) -> None:
         if not _reply_subject(req):
@@ -478,7 +474,7 @@ class ControlPlane:
         return (await self._dispatch_once(record, revision, record_json))[0]
 
     async def _dispatch_once(
-        self, record: JobRecord, revision: int, record_json: bytes | None = None
+        self, record: JobRecord, revision: int, record_json: bytes | None = None, *, msg_id: str | None = None
     ) -> tuple[int, bool]:
         """:meth:`_dispatch`, also saying whether the message was stored now (False: the
         stream already held this generation's message)."""
@@ -488,10 +484,30 @@ class ControlPlane:
             return await self._publisher.publish_once(
                 subject,
                 encode_dispatch(record, revision, record_json),
-                headers={HDR_MSG_ID: f"{record.job_id}.g{record.dispatch}"},
+                headers={HDR_MSG_ID: msg_id or f"{record.job_id}.g{record.dispatch}"},
             )
         except MnemosError as e:
             raise Unavailable(f"could not queue job {record.job_id}: {e.message}") from e
+
+    async def _redispatch(self, record: JobRecord, revision: int) -> int:
+        """A new dispatch message for the current generation, whose first one is gone."""
+        msg_id = f"{record.job_id}.g{record.dispatch}.r{time.time_ns()}"
+        return (await self._dispatch_once(record, revision, msg_id=msg_id))[0]
+
+    async def _queues(self, seq: int, job_id: str, generation: int) -> bool:
+        """Whether dispatch message ``seq`` is there and queues ``job_id`` at ``generation``
+        (read from the stream's leader: a replica may not have it yet)."""
+        try:
+            msg = await self.js.get_msg(self.names.dispatch_stream, seq, direct=False)
+        except NotFoundError:
+            return False
+        except Exception as e:
+            raise unavailable_from(e) or Unavailable(f"cannot read dispatch message {seq}: {e!r}") from e
+        try:
+            queued = decode(msg.data or b"", Dispatch).record
+        except MnemosError:
+            return False
+        return queued.job_id == job_id and queued.dispatch == generation
 
     async def _drop_dispatch_message(self, seq: int) -> None:
         """Remove a dispatch message that no longer stands for work (a dead worker's)."""
@@ -520,7 +536,29 @@ class ControlPlane:
         jobs, _, _ = self._ready()
         body = decode(req.data, GetJob)
         record, _ = await jobs.get(body.job_id)
-        await self._respond(req, _visible(record, _tenant(req)))
+        await self._respond(req, self._explain_wait(_visible(record, _tenant(req))))
+
+    def _explain_wait(self, record: JobRecord) -> JobRecord:
+        """Fill in why a queued job waits, from the live workers the reaper follows."""
+        if record.status != "queued" or self.reaper is None:
+            return record
+        runtime = record.runtime
+        entry = self.index.entries.get(record.job_id) if self.index is not None else None
+        if entry is not None and entry.queued_since is not None:
+            waited = time.monotonic() - entry.queued_since
+        else:
+            waited = (utcnow() - record.updated_at).total_seconds()
+        workers = [w for w in self.reaper.live.values() if runtime in w.runtimes]
+        serving = [w for w in workers if w.status in ("idle", "busy")]
+        if not serving:
+            others = f" ({len(workers)} paused, draining or starting)" if workers else ""
+            record.waiting = Waiting(reason="no_worker_for_runtime", waited_s=round(max(0.0, waited), 3),
+                                     detail=f"no live worker serves runtime {runtime}{others}")
+        else:
+            free = sum(w.free_slots for w in serving)
+            record.waiting = Waiting(reason="waiting_for_capacity", waited_s=round(max(0.0, waited), 3),
+                                     detail=f"{len(serving)} worker(s) serve runtime {runtime}; {free} free slot(s)")
+        return record
 
     async def _list(self, req: Request) -> None:
         """A page from the job index: bounded work whatever the bucket holds (the page's
@@ -544,13 +582,15 @@ class ControlPlane:
                                   details={"retry_after_s": 1}) from None
         async with self.admission.list_turn():
             ids, next_cursor = index.page(tenant=tenant, statuses=statuses, model=model, cursor=q.cursor,
-                                          limit=q.limit, max_scan=self.settings.list_max_scan)
+                                          limit=q.limit, max_scan=self.settings.list_max_scan,
+                                          dead_letter=q.dead_letter)
             records = await asyncio.gather(*(self._read_listed(jobs, job_id) for job_id in ids))
         page = [
-            r for r in records
+            self._explain_wait(r) for r in records
             if r is not None and (tenant is None or r.tenant == tenant)
             and (statuses is None or r.status in statuses)
             and (model is None or (r.spec.model.family, r.spec.model.version) == model)
+            and (not q.dead_letter or r.dead_letter)
         ]
         await self._respond(req, JobList(jobs=page, next_cursor=next_cursor))
 

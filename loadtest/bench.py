@@ -25,7 +25,7 @@ from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
 from mnemos.embedded import free_port
 from mnemos.messages import ResultChunk
-from mnemos.up import LocalStack, UpOptions
+from launchers.up import LocalStack, UpOptions
 
 __all__ = ["NoopOptions", "StreamOptions", "bench_noop", "bench_stream", "local_stack", "percentiles"]
 

@@ -171,7 +171,7 @@ class _Stack:
                         # advertises it in its record), so none collides with another or
                         # with a `mnemos up` running beside.
                         MNEMOS_CP_METRICS_PORT="0", MNEMOS_WORKER_METRICS_PORT="0")
-        self.cp = _Proc("control-plane", [sys.executable, "-m", "mnemos", "control-plane"], self.env,
+        self.cp = _Proc("control-plane", [sys.executable, "-m", "launchers", "control-plane"], self.env,
                         root / "control-plane.log")
         self.workers: list[_Proc] = []
         self._n = 0
@@ -180,7 +180,7 @@ class _Stack:
         self._n += 1
         env = dict(self.env, MNEMOS_WORKER_ID=f"chaos-w{self._n}",
                    MNEMOS_WORKER_CACHE_DIR=str(self.root / "cache" / f"w{self._n}"))
-        proc = _Proc(f"worker-{self._n}", [sys.executable, "-m", "mnemos", "worker"], env,
+        proc = _Proc(f"worker-{self._n}", [sys.executable, "-m", "launchers", "worker"], env,
                      self.root / f"worker-{self._n}.log")
         proc.start()
         return proc

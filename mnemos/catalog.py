@@ -13,10 +13,11 @@ import re
 from nats.js.errors import KeyNotFoundError
 from nats.js.kv import KeyValue
 
+from mnemos.connection import patiently
 from mnemos.errors import ModelNotFound, ValidationFailed
 from mnemos.messages import ModelRecord, decode
 from mnemos.names import model_key
-from mnemos.tasks import cancel_and_wait
+from mnemos.tasks import Supervisor
 
 __all__ = ["ModelCatalog"]
 
@@ -24,6 +25,7 @@ log = logging.getLogger("mnemos.catalog")
 
 _FAMILY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(\.[A-Za-z0-9-]+)*$")
+_TASK = "model-catalog"
 
 
 class ModelCatalog:
@@ -33,16 +35,19 @@ class ModelCatalog:
         self._kv = kv
         self._by_key: dict[str, ModelRecord] = {}
         self._aliases: dict[str, str] = {}
-        self._task: asyncio.Task[None] | None = None
+        self._supervisor: Supervisor | None = None
         self._ready = asyncio.Event()
 
-    async def start(self) -> None:
-        """Load every record and keep following changes. Safe to call twice."""
-        if self._task is not None:
+    async def start(self, supervisor: Supervisor) -> None:
+        """Load every record and keep following changes, as ``supervisor``'s task
+        ``model-catalog`` (a watch that dies is the component's fatal error: its view of the
+        registry would silently go stale). Safe to call twice."""
+        if self._supervisor is not None:
             return
-        empty = not (await self._kv.status()).stream_info.state.messages
-        watcher = await self._kv.watchall()
-        self._task = asyncio.create_task(self._follow(watcher), name="model-catalog")
+        empty = not (await patiently(self._kv.status, "read the models bucket")).stream_info.state.messages
+        watcher = await patiently(self._kv.watchall, "watch the models bucket")
+        self._supervisor = supervisor
+        supervisor.spawn(_TASK, self._follow(watcher))
         if empty:
             self._ready.set()
         try:
@@ -51,8 +56,9 @@ class ModelCatalog:
             log.warning("model catalog: initial values not confirmed within 10 s; continuing")
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        await cancel_and_wait(task)
+        supervisor, self._supervisor = self._supervisor, None
+        if supervisor is not None:
+            await supervisor.stop(_TASK)
 
     async def _follow(self, watcher: KeyValue.KeyWatcher) -> None:
         try:

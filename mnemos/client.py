@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -23,6 +23,18 @@ from nats.js import api as jsapi
 
 from mnemos.config import NatsSettings
 from mnemos.connection import connect, unavailable_from
+from mnemos.endpoints import (
+    JOBS_CANCEL,
+    JOBS_GET,
+    JOBS_LIST,
+    JOBS_RETRY,
+    JOBS_RUN,
+    JOBS_SUBMIT,
+    MODELS_GET,
+    MODELS_LIST,
+    WORKERS_LIST,
+    Endpoint,
+)
 from mnemos.errors import JobTimeout, NotConnected, Unavailable, ValidationFailed, from_info
 from mnemos.messages import (
     TERMINAL_STATUSES,
@@ -36,13 +48,11 @@ from mnemos.messages import (
     ListJobs,
     ListModels,
     ListWorkers,
-    ModelList,
     ModelRecord,
     ResultFinal,
     ResultMessage,
     decode_result,
     RetryJob,
-    WorkerList,
     WorkerRecord,
     decode,
     encode,
@@ -50,6 +60,9 @@ from mnemos.messages import (
 from mnemos.names import HDR_SERVICE_ERROR_CODE, HDR_TENANT, Names
 
 __all__ = ["Client", "job_spec"]
+
+Req = TypeVar("Req")
+Rep = TypeVar("Rep")
 
 #: A stream with no message for this long is checked against the job record.
 _STREAM_IDLE_CHECK_S = 5.0
@@ -68,12 +81,15 @@ def job_spec(
     timeout_seconds: float = 300.0,
     metadata: dict[str, Any] | None = None,
     idempotency_key: str | None = None,
+    queue_timeout_seconds: float | None = None,
     **parameters: Any,
 ) -> JobSpec:
     """Build a :class:`JobSpec` from ``"family:version"`` and keyword arguments.
 
     Extra keywords are generation parameters (``max_tokens``, ``temperature``, ``top_p``,
     ``top_k``, ``stop``, ``seed``). ``function`` picks a function of a python model.
+    ``queue_timeout_seconds``: the job ends ``timeout`` (code ``queue_timeout``) if no
+    worker takes it within that long.
     """
     runtime_config = dict(runtime_config or {})
     if function is not None:
@@ -88,6 +104,7 @@ def job_spec(
         "timeout_seconds": timeout_seconds,
         "metadata": metadata or {},
         "idempotency_key": idempotency_key,
+        "queue_timeout_seconds": queue_timeout_seconds,
     }
     return decode(encode(raw), JobSpec)
 
@@ -145,39 +162,39 @@ class Client:
 
     # ------------------------------------------------------------------ transport
 
-    async def _call(self, endpoint: str, body: Any, timeout: float | None = None) -> bytes:
-        payload = body if isinstance(body, bytes) else encode(body)
+    async def _call(self, endpoint: Endpoint[Req, Rep], request: Req, timeout: float | None = None) -> Rep:
+        """Send ``request`` to ``endpoint``; its reply decoded as ``endpoint.reply``, or the
+        error envelope raised as its :mod:`mnemos.errors` class."""
+        subject = endpoint.subject(self.names)
+        wait = timeout or self.request_timeout
         try:
-            msg = await self.nc.request(
-                self.names.api_subject(endpoint), payload, timeout=timeout or self.request_timeout,
-                headers=self._headers,
-            )
+            msg = await self.nc.request(subject, encode(request), timeout=wait, headers=self._headers)
         except nats.errors.NoRespondersError as e:
-            raise Unavailable(f"no control plane answers on {self.names.api_subject(endpoint)}") from e
+            raise Unavailable(f"no control plane answers on {subject}") from e
         except nats.errors.TimeoutError as e:
-            raise Unavailable(f"{endpoint} got no answer within {timeout or self.request_timeout}s") from e
+            raise Unavailable(f"{endpoint.name} got no answer within {wait}s") from e
         if msg.headers and HDR_SERVICE_ERROR_CODE in msg.headers:
             raise from_info(decode(msg.data, ErrorReply).error)
-        return msg.data
+        return decode(msg.data, endpoint.reply)
 
     # ------------------------------------------------------------------ jobs
 
     async def submit(self, spec: JobSpec) -> JobRecord:
         """Queue a job; returns its record (status ``queued``)."""
-        return decode(await self._call("jobs.submit", spec), JobRecord)
+        return await self._call(JOBS_SUBMIT, spec)
 
     async def run(self, spec: JobSpec, timeout: float | None = None) -> JobRecord:
         """Submit and wait for the finished record (the worker answers directly)."""
         wait = timeout if timeout is not None else spec.timeout_seconds + 60.0
         try:
-            return decode(await self._call("jobs.run", spec, timeout=wait), JobRecord)
+            return await self._call(JOBS_RUN, spec, timeout=wait)
         except Unavailable as e:
             if isinstance(e.__cause__, nats.errors.TimeoutError):
                 raise JobTimeout(f"job did not finish within {wait:g}s") from e
             raise
 
     async def get(self, job_id: str) -> JobRecord:
-        return decode(await self._call("jobs.get", GetJob(job_id=job_id)), JobRecord)
+        return await self._call(JOBS_GET, GetJob(job_id=job_id))
 
     async def list(
         self,
@@ -186,15 +203,19 @@ class Client:
         model: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        dead_letter: bool = False,
     ) -> JobList:
-        body = ListJobs(status=status, model=model, limit=limit, cursor=cursor)  # type: ignore[arg-type]
-        return decode(await self._call("jobs.list", body, timeout=max(self.request_timeout, 30.0)), JobList)
+        """A page of jobs, newest first; ``dead_letter``: only jobs that ended failed or
+        timeout with their retries used up."""
+        body = ListJobs(status=status, model=model, limit=limit, cursor=cursor,  # type: ignore[arg-type]
+                        dead_letter=dead_letter)
+        return await self._call(JOBS_LIST, body, timeout=max(self.request_timeout, 30.0))
 
     async def cancel(self, job_id: str, reason: str | None = None) -> JobRecord:
-        return decode(await self._call("jobs.cancel", CancelJob(job_id=job_id, reason=reason)), JobRecord)
+        return await self._call(JOBS_CANCEL, CancelJob(job_id=job_id, reason=reason))
 
     async def retry(self, job_id: str) -> JobRecord:
-        return decode(await self._call("jobs.retry", RetryJob(job_id=job_id)), JobRecord)
+        return await self._call(JOBS_RETRY, RetryJob(job_id=job_id))
 
     async def stream(self, job_id: str, *, start_seq: int | None = None) -> AsyncIterator[ResultMessage]:
         """Status changes, chunks and final messages of a job as they are stored, from the
@@ -388,12 +409,12 @@ class Client:
 
     async def workers(self, runtime: str | None = None) -> builtins.list[WorkerRecord]:
         body = ListWorkers(runtime=runtime)  # type: ignore[arg-type]
-        return decode(await self._call("workers.list", body), WorkerList).workers
+        return (await self._call(WORKERS_LIST, body)).workers
 
     async def models(self, runtime: str | None = None) -> builtins.list[ModelRecord]:
         body = ListModels(runtime=runtime)  # type: ignore[arg-type]
-        return decode(await self._call("models.list", body), ModelList).models
+        return (await self._call(MODELS_LIST, body)).models
 
     async def model(self, name: str) -> ModelRecord:
-        return decode(await self._call("models.get", GetModel(name=name)), ModelRecord)
+        return await self._call(MODELS_GET, GetModel(name=name))
 

@@ -3,8 +3,9 @@
 Every failure has a stable string ``code`` (what scripts and the HTTP gateway switch on),
 a message, and ``retryable``. On the wire an error is a micro error reply: headers
 ``Nats-Service-Error`` / ``Nats-Service-Error-Code`` (a numeric status) plus an
-:class:`~mnemos.messages.ErrorReply` JSON body. :func:`from_info` turns an envelope back
-into the matching exception class.
+:class:`~mnemos.messages.ErrorReply` JSON body holding an :class:`ErrorInfo`, the envelope,
+which is declared here (and re-exported by :mod:`mnemos.messages`) so that errors need no
+message module. :func:`from_info` turns an envelope back into the matching exception class.
 
 ``status`` is the one table from error to status, used as the micro error code and as the
 HTTP status by the gateway: 400 malformed JSON or request header, 401 no/unknown API key,
@@ -18,7 +19,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from msgspec import Struct
+
 __all__ = [
+    "ErrorInfo",
     "MnemosError",
     "InvalidJSON",
     "InvalidRequest",
@@ -39,6 +43,7 @@ __all__ = [
     "Unavailable",
     "NotConnected",
     "JobTimeout",
+    "QueueTimeout",
     "JobCancelled",
     "ExecutionError",
     "ModelLoadError",
@@ -48,6 +53,16 @@ __all__ = [
     "ERROR_CLASSES",
     "from_info",
 ]
+
+
+# Strict like every wire message of mnemos.messages (the same Struct options as its base).
+class ErrorInfo(Struct, forbid_unknown_fields=True, omit_defaults=False, kw_only=True):
+    """The one error envelope: a stable code, a message, and whether retrying may help."""
+
+    code: str
+    message: str
+    retryable: bool = False
+    details: dict[str, Any] | None = None
 
 
 class MnemosError(Exception):
@@ -65,10 +80,8 @@ class MnemosError(Exception):
         self.retryable = self.retryable_default if retryable is None else retryable
         self.details = details
 
-    def info(self) -> Any:
-        """This error as an :class:`~mnemos.messages.ErrorInfo` envelope."""
-        from mnemos.messages import ErrorInfo
-
+    def info(self) -> ErrorInfo:
+        """This error as an :class:`ErrorInfo` envelope."""
         return ErrorInfo(code=self.code, message=self.message, retryable=self.retryable, details=self.details)
 
     def __repr__(self) -> str:
@@ -189,6 +202,14 @@ class JobTimeout(MnemosError, TimeoutError):
     retryable_default = True
 
 
+class QueueTimeout(JobTimeout):
+    """A job waited in the queue longer than its ``queue_timeout_seconds``."""
+
+    code = "queue_timeout"
+    status = 504
+    retryable_default = False
+
+
 class JobCancelled(MnemosError):
     code = "cancelled"
     status = 409
@@ -256,8 +277,8 @@ ERROR_CLASSES: dict[str, type[MnemosError]] = {
 }
 
 
-def from_info(info: Any) -> MnemosError:
-    """The exception for an :class:`~mnemos.messages.ErrorInfo` (unknown codes -> MnemosError)."""
+def from_info(info: ErrorInfo) -> MnemosError:
+    """The exception for an :class:`ErrorInfo` (unknown codes -> MnemosError)."""
     cls = ERROR_CLASSES.get(info.code)
     if cls is None:
         err = MnemosError(info.message, retryable=info.retryable, details=info.details)

@@ -19,7 +19,15 @@ from __future__ import annotations
 import enum
 from datetime import datetime
 
-from mnemos.errors import InvalidState, JobCancelled, JobTimeout, MnemosError, NotCancellable, WorkerLost
+from mnemos.errors import (
+    InvalidState,
+    JobCancelled,
+    JobTimeout,
+    MnemosError,
+    NotCancellable,
+    QueueTimeout,
+    WorkerLost,
+)
 from mnemos.messages import (
     ACTIVE_STATUSES,
     TERMINAL_STATUSES,
@@ -49,6 +57,7 @@ __all__ = [
     "request_cancel",
     "confirm_cancel",
     "requeue_by_request",
+    "expire_in_queue",
     "final_status",
 ]
 
@@ -303,6 +312,19 @@ def confirm_cancel(rec: JobRecord, attempt: int, now: datetime) -> bool:
     error = rec.error or ErrorInfo(code="cancelled", message="cancelled by request")
     _close(rec, now, "cancelled", error)
     _end(rec, "cancelled", error)
+    return True
+
+
+def expire_in_queue(rec: JobRecord, generation: int, waited_s: float) -> bool:
+    """The job waited in the queue (generation ``generation``, unclaimed) longer than its
+    ``queue_timeout_seconds``: it ends ``timeout`` (code ``queue_timeout``) without running.
+    Not a dead letter: no attempt failed."""
+    if rec.status != "queued" or rec.dispatch != generation:
+        return False
+    _end(rec, "timeout", QueueTimeout(
+        f"waited {waited_s:.1f}s in the queue, past its queue_timeout_seconds of "
+        f"{rec.spec.queue_timeout_seconds:g}s").info())
+    rec.dead_letter = False
     return True
 
 

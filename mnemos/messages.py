@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct, field
 
+from mnemos.errors import ErrorInfo, InvalidJSON, ValidationFailed
 from mnemos.names import RUNTIMES
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "Phase",
     "Attempt",
     "Timings",
+    "Waiting",
+    "WaitReason",
     "JobRecord",
     "Dispatch",
     "encode_dispatch",
@@ -192,18 +195,13 @@ class JobSpec(_Strict, tag="io.mnemos.v1.job_spec", tag_field="type"):
     retry_config: RetryPolicy | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    #: The longest the job may wait in the queue for a worker (from when it was queued:
+    #: submitted, or queued again); past it the job ends ``timeout`` (code
+    #: ``queue_timeout``) without running. None: it waits as long as it takes.
+    queue_timeout_seconds: Annotated[float, Meta(gt=0, le=604800)] | None = None
 
 
 # ----------------------------------------------------------------------------- job record
-
-
-class ErrorInfo(_Strict):
-    """The one error envelope: a stable code, a message, and whether retrying may help."""
-
-    code: str
-    message: str
-    retryable: bool = False
-    details: dict[str, Any] | None = None
 
 
 class JobOutput(_Strict):
@@ -248,6 +246,20 @@ class Timings(_Strict):
     disk_cache_hit: bool | None = None
 
 
+WaitReason = Literal["no_worker_for_runtime", "waiting_for_capacity"]
+
+
+class Waiting(_Strict):
+    """Why a queued job has not started."""
+
+    #: ``no_worker_for_runtime``: no live worker serves the job's runtime (none registered,
+    #: or all paused/draining); ``waiting_for_capacity``: some do, and their slots are taken.
+    reason: WaitReason
+    #: How long it has waited so far, and what the control plane saw.
+    waited_s: float
+    detail: str = ""
+
+
 class JobRecord(_Strict, tag="io.mnemos.v1.job", tag_field="type"):
     """A job's state: the value stored under ``mnemos_jobs.<job_id>``."""
 
@@ -273,6 +285,9 @@ class JobRecord(_Strict, tag="io.mnemos.v1.job", tag_field="type"):
     queued_seq: int | None = None
     #: It ended ``failed`` or ``timeout`` with its retry policy used up (its attempts say how).
     dead_letter: bool = False
+    #: Why a queued job waits, as the control plane sees it when it answers (computed on
+    #: each read, never stored: it cannot go stale in the bucket).
+    waiting: Waiting | None = None
 
     @property
     def terminal(self) -> bool:
@@ -400,6 +415,8 @@ class WorkerRecord(_Strict, tag="io.mnemos.v1.worker", tag_field="type"):
     heartbeat_interval_s: float = 5.0
     jobs_completed: NonNegInt = 0
     jobs_failed: NonNegInt = 0
+    #: Why the worker is in status ``error`` (None otherwise).
+    error: str | None = None
 
 
 class WorkerCommand(_Strict, tag="io.mnemos.v1.worker_command", tag_field="type"):
@@ -518,8 +535,6 @@ _decoders: dict[Any, msgspec.json.Decoder[Any]] = {}
 
 def decode(data: bytes | str, type: type[T]) -> T:  # noqa: A002 - mirrors msgspec's own name
     """Decode ``data`` strictly as ``type``; raise :class:`mnemos.errors.ValidationFailed`."""
-    from mnemos.errors import InvalidJSON, ValidationFailed
-
     dec = _decoders.get(type)
     if dec is None:
         dec = _decoders[type] = msgspec.json.Decoder(type)

@@ -154,8 +154,10 @@ class SyncClient:
         model: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        dead_letter: bool = False,
     ) -> JobList:
-        return self._call(self._live().list(status=status, model=model, limit=limit, cursor=cursor))
+        return self._call(self._live().list(status=status, model=model, limit=limit, cursor=cursor,
+                                            dead_letter=dead_letter))
 
     def cancel(self, job_id: str, reason: str | None = None) -> JobRecord:
         return self._call(self._live().cancel(job_id, reason))

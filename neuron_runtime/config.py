@@ -46,7 +46,8 @@ class WorkerSettings(BaseSettings):
     model_memory_budget_mb: float | None = Field(default=None, gt=0)
     model_load_timeout_s: float = Field(default=600.0, gt=0)
     drain_timeout_s: float = Field(default=60.0, ge=0)
-    #: Recycling (Neutrino's rule): drain and exit after this many jobs / this RSS / this age.
+    #: Recycling (Neutrino's rule): drain and exit after this many jobs / this RSS / this age,
+    #: checked after each job and, while the worker is idle, at each heartbeat.
     max_jobs: int | None = Field(default=None, ge=1)
     max_rss_mb: float | None = Field(default=None, gt=0)
     max_lifetime_s: float | None = Field(default=None, gt=0)

@@ -46,6 +46,7 @@ from mnemos.messages import (
     utcnow,
 )
 from mnemos.names import Names
+from mnemos.tasks import Supervisor
 from neuron_runtime.metrics import WorkerMetrics
 from neuron_runtime.pool import ModelPool, pool_key
 from neuron_runtime.runtimes.base import ExecutionContext
@@ -164,6 +165,7 @@ class Executor:
         on_finished: Callable[[JobRecord], None] | None = None,
         stream_interval_s: float = 0.0,
         metrics: WorkerMetrics | None = None,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -175,7 +177,9 @@ class Executor:
         self.stream_interval_s = stream_interval_s
         self.metrics = metrics
         self.running: dict[str, Execution] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        #: Runs the executor's one-shot tasks (engine stops, doorbell rings): a failure is
+        #: logged with the task's name; none is fatal to the worker.
+        self.supervisor = supervisor if supervisor is not None else Supervisor(f"executor-{worker_id}")
         self.completed = 0
         self.failed = 0
         self.duplicates = 0
@@ -221,9 +225,7 @@ class Executor:
         if ex.ctx is not None:
             ex.ctx.cancel()
         if ex.run_task is not None:
-            task = asyncio.create_task(self._stop_engine(ex))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.supervisor.spawn_oneshot(f"stop-engine-{job_id}", self._stop_engine(ex))
         return True
 
     async def touch_all(self) -> None:
@@ -490,9 +492,7 @@ class Executor:
         subject = self.names.ready_subject(runtime, priority)
 
         def ring() -> None:
-            task = asyncio.create_task(self.nc.publish(subject, b""))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self.supervisor.spawn_oneshot(f"ring-{runtime}-{priority}", self.nc.publish(subject, b""))
 
         asyncio.get_running_loop().call_later(delay + 0.005, ring)
 

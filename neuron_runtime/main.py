@@ -1,4 +1,9 @@
-"""``mnemos worker``: run jobs until SIGTERM (drain) or a recycle limit, then exit."""
+"""``mnemos worker``: run jobs until SIGTERM (drain) or a recycle limit, then exit.
+
+The process exits 0 after a drain (a signal, a ``drain`` command, recycling) and non-zero
+when the worker reached ``error`` (it could not connect or start, or a background task
+died), so that ``mnemos up`` or the container runtime starts a fresh one.
+"""
 
 from __future__ import annotations
 
@@ -20,10 +25,11 @@ async def serve(
     registry_settings: RegistrySettings,
     stop: asyncio.Event,
 ) -> str:
-    """Run one worker; returns why it stopped ("signal", "recycle: ...", "drain requested")."""
-    nc = await connect(nats_settings, f"mnemos-worker-{settings.worker_id}")
+    """Run one worker; returns why it stopped ("signal", "recycle: ...", "drain requested").
+    Raises what put it in ``error`` (after draining, when it had started)."""
+    worker = Worker(None, nats_settings, settings, registry_settings)
+    nc = await worker.connect(lambda: connect(nats_settings, f"mnemos-worker-{settings.worker_id}"))
     try:
-        worker = Worker(nc, nats_settings, settings, registry_settings)
         async with worker:
             stopper = asyncio.create_task(stop.wait())
             exiter = asyncio.create_task(worker.exit_requested.wait())

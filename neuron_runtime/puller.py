@@ -36,7 +36,7 @@ from nats.aio.subscription import Subscription
 from nats.js import api as jsapi
 from nats.js.errors import BadRequestError
 
-from mnemos.connection import barrier
+from mnemos.connection import barrier, patiently
 from mnemos.names import PRIORITIES, Names
 
 __all__ = ["PriorityPuller", "Doorbell"]
@@ -142,7 +142,8 @@ class PriorityPuller:
             max_waiting=4096,
         )
         try:
-            await js.add_consumer(self.names.dispatch_stream, config)  # type: ignore[attr-defined]
+            await patiently(lambda: js.add_consumer(self.names.dispatch_stream, config),  # type: ignore[attr-defined]
+                            f"create consumer {name}")
         except BadRequestError as e:
             if e.err_code != 10148:  # exists with another config: keep the operator's
                 raise

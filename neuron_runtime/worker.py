@@ -1,9 +1,18 @@
 """The worker (NEURON): register -> heartbeat -> pull by priority -> run -> drain.
 
+Its status, written to its record in ``mnemos_workers`` once at each change:
+``initializing`` (built) -> ``connecting`` (to NATS) -> ``registering`` (layout, first
+record, model catalog) -> ``starting`` (model pool, executor, puller) -> ``idle``/``busy``
+(``paused`` while paused) -> ``draining`` -> ``stopped`` (the last record, then it
+deregisters). ``error``: something fatal happened (a supervised background task died, or
+the start failed); the record says why (``error``) and is left to expire, and the process
+exits non-zero. The first two states are only logged: NATS is not there yet. Idle/busy
+flips are not written on their own (that would cost a write per job): heartbeats carry them.
+
 Shutdown order (``drain``): stop pulling -> wait up to ``drain_timeout_s`` for in-flight
 jobs -> hand the rest back to the queue (nak: another worker takes them at once, and it is
-not counted as a failed attempt) -> deregister -> unload models -> stop serving metrics ->
-re-raise the first fatal background error.
+not counted as a failed attempt) -> last record, deregister -> unload models -> stop the
+background tasks -> stop serving metrics -> re-raise the first fatal background error.
 """
 
 from __future__ import annotations
@@ -12,23 +21,33 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
+from nats.js import JetStreamContext
 
 from mnemos.catalog import ModelCatalog
 from mnemos.config import NatsSettings
-from mnemos.errors import MnemosError, ValidationFailed
+from mnemos.errors import MnemosError, NotConnected, ValidationFailed
 from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
-from mnemos.messages import ErrorReply, JobRecord, WorkerCommand, WorkerRecord, decode, encode, utcnow
+from mnemos.messages import (
+    ErrorReply,
+    JobRecord,
+    WorkerCommand,
+    WorkerRecord,
+    WorkerStatus,
+    decode,
+    encode,
+    utcnow,
+)
 from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
 from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE, Names
-from mnemos.tasks import cancel_and_wait
+from mnemos.tasks import Supervisor
 from neuron_runtime.cache import DiskCache
 from neuron_runtime.config import WorkerSettings
 from neuron_runtime.executor import Executor
@@ -51,18 +70,22 @@ _IDLE_LONG_POLL_S = 0.1
 
 
 class Worker:
-    """One worker process's job machinery. ``async with Worker(...)`` then ``await drain()``."""
+    """One worker process's job machinery. ``async with Worker(...)`` then ``await drain()``.
+
+    ``nc``: a connected client, or None to connect later with :meth:`connect` (``mnemos
+    worker`` does, so that the worker is ``connecting`` meanwhile).
+    """
 
     def __init__(
         self,
-        nc: NATS,
+        nc: NATS | None,
         nats_settings: NatsSettings,
         settings: WorkerSettings,
         registry_settings: RegistrySettings | None = None,
         runtimes: dict[str, Runtime] | None = None,
     ) -> None:
-        self.nc = nc
-        self.js = nc.jetstream()
+        self._nc = nc
+        self._js: JetStreamContext | None = None
         self.names = nats_settings.names
         self.nats_settings = nats_settings
         self.settings = settings
@@ -80,23 +103,29 @@ class Worker:
         self.publisher: Publisher | None = None
         self.metrics = WorkerMetrics(self._metrics_state)
         self.metrics_server: MetricsServer | None = None
+        #: Every background task of this worker; the first that dies puts it in ``error``.
+        self.supervisor = Supervisor(f"worker-{self.worker_id}", on_failure=self._on_task_died)
         self.registered_at = utcnow()
         self.started_monotonic = time.monotonic()
-        #: Set when the worker wants its process to exit (recycling or a drain command).
+        #: Set when the worker wants its process to exit (recycling, a drain command, an error).
         self.exit_requested = asyncio.Event()
         self.exit_reason = ""
-        self._status = "initializing"
+        #: Why the worker is in ``error`` (also in its record).
+        self.error: str | None = None
+        self._status: WorkerStatus = "initializing"
         self._paused = False
         self._draining = False
         self._active = 0
         self._slot_freed = asyncio.Event()
         self._jobs: set[asyncio.Task[None]] = set()
-        self._background: dict[str, asyncio.Task[None]] = {}
-        self._heartbeat_now: asyncio.Task[None] | None = None
+        self._record_lock = asyncio.Lock()
+        self._heartbeat_now: asyncio.Task[Any] | None = None
         self._subs: list[Subscription] = []
         self._fatal: BaseException | None = None
+        self._registered = False  # its first record is written: it leaves a last one
         self._started = False
         self._stopped = False
+        log.info("worker %s initializing", self.worker_id)
 
     @staticmethod
     def _default_runtimes(settings: WorkerSettings) -> dict[str, Runtime]:
@@ -110,29 +139,79 @@ class Worker:
         return out
 
     @property
+    def nc(self) -> NATS:
+        if self._nc is None:
+            raise NotConnected(f"worker {self.worker_id} is not connected to NATS")
+        return self._nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            self._js = self.nc.jetstream()
+        return self._js
+
+    @property
+    def status(self) -> WorkerStatus:
+        """What its record says: ``paused`` stands in for idle/busy while paused."""
+        return "paused" if self._paused and self._status in ("idle", "busy") else self._status
+
+    @property
     def free_slots(self) -> int:
         return max(0, self.settings.max_concurrent_jobs - self._active)
 
     # ------------------------------------------------------------------ lifecycle
 
+    async def connect(self, open_connection: Callable[[], Awaitable[NATS]]) -> NATS:
+        """Open the NATS connection with ``open_connection`` (``connecting``); a failure is
+        the ``error`` state, then raised. The caller closes the connection after ``drain``."""
+        if self._nc is not None:
+            return self._nc
+        self._enter("connecting")
+        try:
+            self._nc = await open_connection()
+        except Exception as e:
+            self._enter("error", error=f"cannot connect to NATS: {e}")
+            raise
+        return self._nc
+
     async def start(self) -> None:
+        """Register and start taking jobs. A failure puts the worker in ``error`` (its record
+        says why, if it was registered), releases what was started, and is raised."""
         if self._started:
             return
+        self._started = True
+        try:
+            await self._start()
+        except Exception as e:
+            self._enter("error", error=f"start failed while {self._status}: {type(e).__name__}: {e}", publish=False)
+            self._stopped = True
+            await self._close()
+            raise
+
+    async def _start(self) -> None:
         s = self.settings
         if s.metrics_port != METRICS_DISABLED:
-            # First: a taken port fails the start before anything else is started.
+            # First: a taken port fails the start before anything else is started (and
+            # before the worker is visible anywhere).
             self.metrics_server = await serve_metrics(
                 self.metrics.registry, s.metrics_host, s.metrics_port,
                 hint="set MNEMOS_WORKER_METRICS_PORT to a free port, 0 for any, -1 for none",
             )
-        self._started = True
+        self._enter("registering")
+        self.layout = await ensure_layout(self.js, self.names, LayoutOptions(replicas=self.nats_settings.replicas))
+        self._registered = True
+        await self._write_record()
+        # From the first record on, heartbeats keep it alive (starting can take a while:
+        # importing torch, a large catalog).
+        self.supervisor.spawn("heartbeat", self._every(s.heartbeat_interval_s, self._beat))
+        self.catalog = ModelCatalog(self.layout.models)
+        await self.catalog.start(self.supervisor)
+        self._enter("starting", publish=False)
+        await self._write_record()
         if {"transformers", "pytorch"} & set(self.runtimes):
             import torch
 
             torch.set_num_threads(s.torch_threads)
-        self.layout = await ensure_layout(self.js, self.names, LayoutOptions(replicas=self.nats_settings.replicas))
-        self.catalog = ModelCatalog(self.layout.models)
-        await self.catalog.start()
         disk = DiskCache(
             s.cache_dir,
             int(s.cache_budget_gb * 2**30),
@@ -155,6 +234,7 @@ class Worker:
             on_finished=self._on_finished,
             stream_interval_s=s.stream_interval_ms / 1000.0,
             metrics=self.metrics,
+            supervisor=self.supervisor,
         )
         self.puller = PriorityPuller(
             self.nc, self.names, list(self.runtimes), self._on_message, ack_wait_s=s.ack_wait_s
@@ -164,27 +244,28 @@ class Worker:
             await self.nc.subscribe(self.names.worker_control_subject(self.worker_id), cb=self._on_control)
         )
         await self.puller.start()
-        self._status = "idle"
-        await self._heartbeat()
-        self._spawn("heartbeat", self._every(s.heartbeat_interval_s, self._heartbeat))
-        self._spawn("in-progress", self._every(s.ack_wait_s / 3, self.executor.touch_all))
-        self._spawn("pull", self._pull_loop())
+        self._enter("busy" if self._active else "idle", publish=False)  # a job may be in already
+        await self._write_record()
+        self.supervisor.spawn("in-progress", self._every(s.ack_wait_s / 3, self.executor.touch_all))
+        self.supervisor.spawn("pull", self._pull_loop())
         log.info(
             "worker %s up: runtimes=%s slots=%d namespace=%s",
             self.worker_id, ",".join(self.runtimes), s.max_concurrent_jobs, self.names.prefix,
         )
 
     async def drain(self) -> None:
-        """Stop pulling, finish or hand back in-flight jobs, deregister. Safe to call twice."""
+        """Stop pulling, finish or hand back in-flight jobs, deregister; re-raise a fatal
+        background error. Safe to call twice."""
         if self._stopped or not self._started:
             return
         self._stopped = True
         self._draining = True
-        self._status = "draining"
-        await self._cancel_background("pull")
+        if self._status not in ("draining", "error"):
+            self._enter("draining", publish=False)
+            await self._write_record()
+        await self.supervisor.stop("pull")
         if self.puller is not None:
             await self.puller.stop()
-        await self._heartbeat()
         if self._jobs:
             log.info("draining: waiting up to %.0fs for %d job(s)", self.settings.drain_timeout_s, len(self._jobs))
             await asyncio.wait(set(self._jobs), timeout=self.settings.drain_timeout_s)
@@ -199,30 +280,48 @@ class Worker:
             await asyncio.gather(*self._jobs, return_exceptions=True)
             for ex in unfinished:
                 await self.executor.hand_back(ex)
-        for name in list(self._background):
-            await self._cancel_background(name)
-        await cancel_and_wait(self._heartbeat_now)
+        await self._close()
+        if self._fatal is not None:
+            raise self._fatal
+
+    async def _close(self) -> None:
+        """Release what :meth:`_start` set up, in reverse; a partial start included."""
+        await self.supervisor.stop("heartbeat")
+        await self.supervisor.stop("in-progress")
         for sub in self._subs:
-            await sub.unsubscribe()
-        self._subs.clear()
-        if self.layout is not None:
             try:
-                await self.layout.workers.delete(self.worker_id)
-            except Exception as e:
-                log.warning("could not deregister %s: %r", self.worker_id, e)
+                await sub.unsubscribe()
+            except Exception as e:  # noqa: BLE001 - the connection may be gone (an error exit)
+                log.debug("unsubscribe %s: %r", sub.subject, e)
+        self._subs.clear()
+        await self._last_record()
         if self.pool is not None:
             await self.pool.close()
         if self.catalog is not None:
             await self.catalog.stop()
+        await self.supervisor.stop()  # what is left: record writes, engine stops, doorbells
         if self.publisher is not None:
             await self.publisher.close()
         metrics_server, self.metrics_server = self.metrics_server, None
         if metrics_server is not None:
             await metrics_server.close()
-        self._status = "stopped"
-        log.info("worker %s stopped", self.worker_id)
-        if self._fatal is not None:
-            raise self._fatal
+        log.info("worker %s %s", self.worker_id, "stopped" if self._status == "stopped" else "ended in error")
+
+    async def _last_record(self) -> None:
+        """``stopped``, then deregister; or, after an error, the ``error`` record, left to
+        expire (three heartbeat intervals) so that operators see why it went away."""
+        if not self._registered:
+            return  # never visible: nothing to leave behind
+        if self._status != "error":
+            self._enter("stopped", publish=False)
+        await self._write_record()
+        if self._status == "error":
+            return
+        assert self.layout is not None
+        try:
+            await self.layout.workers.delete(self.worker_id)
+        except Exception as e:
+            log.warning("could not deregister %s: %r", self.worker_id, e)
 
     async def __aenter__(self) -> "Worker":
         await self.start()
@@ -231,28 +330,55 @@ class Worker:
     async def __aexit__(self, *exc: object) -> None:
         await self.drain()
 
+    # ------------------------------------------------------------------ states
+
+    def _enter(self, status: WorkerStatus, *, error: str | None = None, publish: bool = True) -> None:
+        """Enter a lifecycle state: one log line, and (``publish``, once registered) the
+        record as of now, written once. ``error`` is final, and ``draining`` leads only to
+        ``stopped`` or ``error`` (a drain asked for while starting is not undone)."""
+        if status == self._status or self._status == "error":
+            return
+        if self._status == "draining" and status not in ("stopped", "error"):
+            return
+        old, self._status = self._status, status
+        if status == "error":
+            self.error = error
+            log.error("worker %s: %s -> error: %s", self.worker_id, old, error)
+        else:
+            log.info("worker %s: %s -> %s", self.worker_id, old, status)
+        if publish:
+            self._publish_now()
+
+    def _publish_now(self) -> None:
+        """Write the record as it is now (a state change), behind writes under way."""
+        if self._registered and self._nc is not None:
+            self.supervisor.spawn_oneshot("record", self._write_record(encode(self.record())))
+
+    def _request_exit(self, reason: str) -> None:
+        """Take no more jobs and ask ``main`` to drain and exit (recycling, a drain command)."""
+        if self.exit_requested.is_set():
+            return
+        self.exit_reason = reason
+        self._draining = True
+        self._enter("draining")
+        self.exit_requested.set()
+
+    def _on_task_died(self, task: str, exc: BaseException) -> None:
+        """A supervised task died: ``error`` (written now), then drain and exit non-zero."""
+        self._fatal = exc
+        self._enter("error", error=f"background task {task} died: {exc!r}")
+        self.exit_reason = f"error: background task {task} died"
+        self._draining = True
+        self.exit_requested.set()
+
     # ------------------------------------------------------------------ background tasks
 
-    def _spawn(self, name: str, coro: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coro, name=f"{self.worker_id}-{name}")
-        self._background[name] = task
-        task.add_done_callback(self._background_done)
-
-    def _background_done(self, task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is not None and self._fatal is None:
-            log.error("background task %s crashed: %r", task.get_name(), exc, exc_info=exc)
-            self._fatal = exc
-            self.exit_reason = f"background task {task.get_name()} crashed"
-            self.exit_requested.set()
-
     async def _cancel_background(self, name: str) -> None:
-        await cancel_and_wait(self._background.pop(name, None))
+        """Stop one background loop (``heartbeat``, ``in-progress``, ``pull``)."""
+        await self.supervisor.stop(name)
 
     @staticmethod
-    async def _every(interval: float, fn: Any) -> None:
+    async def _every(interval: float, fn: Callable[[], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(interval)
             await fn()
@@ -326,20 +452,23 @@ class Worker:
 
     def _on_finished(self, record: JobRecord) -> None:
         """After each job: recycle (Neutrino's rule) when a limit is reached."""
+        self._recycle_if_due()
+
+    def _recycle_if_due(self) -> None:
+        """Drain and exit once a recycling limit is reached: after a job, and at each
+        heartbeat while idle (so an idle worker reaches its max lifetime too)."""
         s = self.settings
-        assert self.executor is not None
+        ex = self.executor
         reason = ""
-        if s.max_jobs is not None and self.executor.completed + self.executor.failed >= s.max_jobs:
+        if s.max_jobs is not None and ex is not None and ex.completed + ex.failed >= s.max_jobs:
             reason = f"ran {s.max_jobs} jobs"
         elif s.max_rss_mb is not None and self.monitor.rss_mb() > s.max_rss_mb:
             reason = f"RSS above {s.max_rss_mb:.0f} MB"
         elif s.max_lifetime_s is not None and time.monotonic() - self.started_monotonic > s.max_lifetime_s:
-            reason = f"older than {s.max_lifetime_s:.0f}s"
+            reason = f"older than {s.max_lifetime_s:g}s"
         if reason and not self.exit_requested.is_set():
             log.info("worker %s recycling: %s", self.worker_id, reason)
-            self.exit_reason = f"recycle: {reason}"
-            self._draining = True
-            self.exit_requested.set()
+            self._request_exit(f"recycle: {reason}")
 
     # ------------------------------------------------------------------ signals
 
@@ -356,17 +485,23 @@ class Worker:
                 await self.nc.publish(msg.reply, encode(ErrorReply(error=e.info())),
                                       headers={HDR_SERVICE_ERROR: e.message, HDR_SERVICE_ERROR_CODE: str(e.status)})
             return
-        if cmd.command == "pause":
-            self._paused = True
-        elif cmd.command == "resume":
-            self._paused = False
-            self._slot_freed.set()
+        if cmd.command in ("pause", "resume"):
+            self._set_paused(cmd.command == "pause")
         elif cmd.command == "drain":
-            self.exit_reason = "drain requested"
-            self._draining = True
-            self.exit_requested.set()
+            self._request_exit("drain requested")
         if msg.reply:
             await msg.respond(encode(self.record()))
+
+    def _set_paused(self, paused: bool) -> None:
+        if paused == self._paused:
+            return
+        before = self.status
+        self._paused = paused
+        if not paused:
+            self._slot_freed.set()
+        if self.status != before:  # idle/busy <-> paused: a state change, written once
+            log.info("worker %s: %s -> %s", self.worker_id, before, self.status)
+            self._publish_now()
 
     # ------------------------------------------------------------------ heartbeat
 
@@ -392,7 +527,7 @@ class Worker:
             worker_id=self.worker_id,
             hostname=socket.gethostname(),
             version=self.settings.version,
-            status="paused" if self._paused and self._status in ("idle", "busy") else self._status,  # type: ignore[arg-type]
+            status=self.status,
             runtimes=list(self.runtimes),  # type: ignore[arg-type]
             max_concurrent_jobs=self.settings.max_concurrent_jobs,
             free_slots=self.free_slots,
@@ -405,24 +540,36 @@ class Worker:
             heartbeat_interval_s=self.settings.heartbeat_interval_s,
             jobs_completed=ex.completed if ex else 0,
             jobs_failed=ex.failed if ex else 0,
+            error=self.error,
         )
 
     def _heartbeat_soon(self) -> None:
         """Advertise a change (a model loaded or evicted) now rather than at the next beat."""
         task = self._heartbeat_now
-        if self._started and not self._stopped and (task is None or task.done()):
-            # _heartbeat logs its own failures and never raises.
-            self._heartbeat_now = asyncio.create_task(self._heartbeat(), name=f"{self.worker_id}-heartbeat-now")
+        if self._registered and not self._stopped and (task is None or task.done()):
+            self._heartbeat_now = self.supervisor.spawn_oneshot("record", self._write_record())
 
-    async def _heartbeat(self) -> None:
-        """Publish the record on the heartbeat subject and refresh its expiring KV entry."""
-        data = encode(self.record())
-        try:
-            await self.nc.publish(self.names.heartbeat_subject(self.worker_id), data)
-            await self.js.publish(
-                self.names.kv_key_subject(self.names.workers_bucket, self.worker_id),
-                data,
-                msg_ttl=self.settings.heartbeat_ttl_s,
-            )
-        except Exception as e:
-            log.warning("heartbeat failed: %r", e)
+    async def _beat(self) -> None:
+        """One heartbeat: an idle worker past a recycling limit starts draining; then the
+        record is written (it keeps the KV entry from expiring)."""
+        if self._active == 0 and self._status == "idle":
+            self._recycle_if_due()
+        await self._write_record()
+
+    async def _write_record(self, data: bytes | None = None) -> None:
+        """Publish the record (``data``: as it was at a state change; else as it is now) on
+        the heartbeat subject and refresh its expiring KV entry. Writes go one at a time,
+        in order, so the bucket always ends with the latest. Never raises: a failure is
+        logged (the next heartbeat tries again)."""
+        async with self._record_lock:
+            if data is None:
+                data = encode(self.record())
+            try:
+                await self.nc.publish(self.names.heartbeat_subject(self.worker_id), data)
+                await self.js.publish(
+                    self.names.kv_key_subject(self.names.workers_bucket, self.worker_id),
+                    data,
+                    msg_ttl=self.settings.heartbeat_ttl_s,
+                )
+            except Exception as e:  # noqa: BLE001 - NATS may be away; the record is retried
+                log.warning("worker record not written (%s): %r", self.status, e)

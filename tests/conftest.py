@@ -264,7 +264,7 @@ def worker_process(nats_settings, tmp_path: Path) -> Iterator:
                  MNEMOS_LOG_LEVEL="INFO")
         e.update(env)
         log = open(tmp_path / f"{worker_id}.log", "wb")
-        proc = subprocess.Popen([sys.executable, "-m", "mnemos", "worker"], env=e, stdout=log,
+        proc = subprocess.Popen([sys.executable, "-m", "launchers", "worker"], env=e, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         procs.append(proc)
         return proc

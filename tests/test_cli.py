@@ -20,7 +20,7 @@ async def _cli(settings: NatsSettings, *args: str) -> subprocess.CompletedProces
     """Run the CLI without blocking the event loop (the control plane under test runs on it)."""
     return await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "mnemos", "--nats-url", settings.nats_url, "--namespace", settings.namespace, *args],
+        [sys.executable, "-m", "launchers", "--nats-url", settings.nats_url, "--namespace", settings.namespace, *args],
         capture_output=True,
         text=True,
         timeout=120,
@@ -75,7 +75,7 @@ async def test_exit_codes(nats_settings, control_plane, demo_fn, start_worker) -
     assert json.loads(ok.stdout)["output"]["result"] == {"args": [[1, 2]], "kwargs": {"x": 3}}
     down = await asyncio.to_thread(
         subprocess.run,
-        [sys.executable, "-m", "mnemos", "--nats-url", "nats://127.0.0.1:1", "jobs", "ls"],
+        [sys.executable, "-m", "launchers", "--nats-url", "nats://127.0.0.1:1", "jobs", "ls"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -92,7 +92,7 @@ async def test_wait_shows_the_job_status_on_a_terminal(nats_settings, control_pl
     def run() -> subprocess.CompletedProcess[str]:
         try:
             return subprocess.run(
-                [sys.executable, "-m", "mnemos", "--nats-url", nats_settings.nats_url, "--namespace",
+                [sys.executable, "-m", "launchers", "--nats-url", nats_settings.nats_url, "--namespace",
                  nats_settings.namespace, "submit", "-m", "demo-fn:v1", "--function", "sleep", "--arg", "1", "--wait"],
                 stdout=subprocess.PIPE, stderr=slave, text=True, timeout=60, env={**os.environ, "TERM": "xterm"},
             )
@@ -125,7 +125,7 @@ def test_every_command_line_in_the_cli_docs_parses() -> None:
     test_cli_exit_codes.py)."""
     from click.testing import CliRunner
 
-    from mnemos.cli import cli
+    from launchers.cli import cli
 
     text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
     lines = [line for block in re.findall(r"^```sh\n(.*?)^```$", text, flags=re.S | re.M)

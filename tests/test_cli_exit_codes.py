@@ -15,7 +15,7 @@ from typing import Any
 import nats
 from click.testing import CliRunner, Result
 
-from mnemos.cli import EXIT_BY_CODE, EXIT_OTHER, cli
+from launchers.cli import EXIT_BY_CODE, EXIT_OTHER, cli
 from mnemos.config import NatsSettings
 from mnemos.errors import ERROR_CLASSES
 from tests.conftest import assert_eventually

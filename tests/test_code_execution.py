@@ -13,7 +13,7 @@ from mnemos.client import Client
 from mnemos.errors import OverrideRefused, UnknownFunction
 from mnemos.messages import JobRecord, JobSpec, decode, encode, new_job_id, utcnow
 from mnemos.names import Names
-from mnemos.up import LocalStack, UpOptions, child_env
+from launchers.up import LocalStack, UpOptions, child_env
 from tests.conftest import assert_eventually
 
 #: Entrypoints a job tried to run: shell, eval, subprocess, a dotted path into the standard

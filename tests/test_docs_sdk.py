@@ -19,7 +19,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from mnemos.cli import EXIT_BY_CODE, EXIT_OTHER
+from launchers.cli import EXIT_BY_CODE, EXIT_OTHER
 from mnemos.errors import ERROR_CLASSES
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "sdk.md"

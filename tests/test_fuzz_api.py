@@ -32,35 +32,21 @@ from hypothesis import strategies as st
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 
-from control_plane.service import ENDPOINTS
 from mnemos.client import job_spec
+from mnemos.endpoints import ENDPOINTS
 from mnemos.errors import ERROR_CLASSES
 from mnemos.messages import (
     ErrorReply,
-    JobList,
-    JobRecord,
     JobStatus,
-    ModelList,
-    ModelRecord,
-    WorkerList,
     decode,
 )
 from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE, Names
 from tests.conftest import assert_eventually
 
 #: Reply type of a successful answer, per endpoint.
-SUCCESS_TYPES: dict[str, type[Any]] = {
-    "jobs.submit": JobRecord,
-    "jobs.run": JobRecord,
-    "jobs.get": JobRecord,
-    "jobs.list": JobList,
-    "jobs.cancel": JobRecord,
-    "jobs.retry": JobRecord,
-    "workers.list": WorkerList,
-    "models.list": ModelList,
-    "models.get": ModelRecord,
-}
-assert set(SUCCESS_TYPES) == set(ENDPOINTS)
+SUCCESS_TYPES: dict[str, type[Any]] = {e.name: e.reply for e in ENDPOINTS}
+#: Every endpoint, by name (``jobs.submit``), in declared order.
+ENDPOINT_NAMES = [e.name for e in ENDPOINTS]
 
 REQUEST_TIMEOUT_S = 5.0
 CONCURRENCY = 64
@@ -386,7 +372,7 @@ async def test_fuzzed_requests_get_an_answer_and_the_control_plane_keeps_serving
         "deep JSON": draw(nested_json, max(EXAMPLES // 10, 10), 3),
     }
     shaped = {e: draw(as_json(s), EXAMPLES, 10 + i) for i, (e, s) in enumerate(bodies(known).items())}
-    requests = [(e, p) for payloads in generic.values() for p in payloads for e in ENDPOINTS]
+    requests = [(e, p) for payloads in generic.values() for p in payloads for e in ENDPOINT_NAMES]
     requests += [(e, p) for e, payloads in shaped.items() for p in payloads]
     random.Random(FUZZ_SEED).shuffle(requests)  # interleave endpoints and kinds
     t_drawn = time.monotonic()
@@ -405,7 +391,7 @@ async def test_fuzzed_requests_get_an_answer_and_the_control_plane_keeps_serving
     assert outcomes.get("ok", 0) > 0 and outcomes.get("validation_error", 0) > 0, outcomes
 
 
-@pytest.mark.parametrize("endpoint", sorted(ENDPOINTS))
+@pytest.mark.parametrize("endpoint", sorted(ENDPOINT_NAMES))
 async def test_oversized_payload_is_payload_too_large(endpoint: str, control_plane, nc: NATS, names: Names) -> None:
     limit = control_plane.settings.max_request_bytes
     spec = b'{"model": {"family": "demo-fn", "version": "v1"}, "metadata": {"pad": "'
@@ -423,7 +409,7 @@ async def test_requests_without_reply_subject_crash_nothing(
     valid = json.dumps({"model": {"family": "demo-fn", "version": "v1", "runtime_config": {"function": "noop"}}})
     payloads = [b"", b"\x00\xff", b"{not json", b"[]", b"{}", b"null", valid.encode(), b'{"job_id": "NOPE"}',
                 b'{"job_id": "a.b"}', b'{"name": "ghost:v9"}', b"x" * 600_000]
-    for endpoint in ENDPOINTS:
+    for endpoint in ENDPOINT_NAMES:
         for payload in payloads:
             await nc.publish(names.api_subject(endpoint), payload)
     await nc.flush()

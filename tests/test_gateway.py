@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from control_plane import ControlPlane, ControlPlaneSettings
 from control_plane.gateway import GatewaySettings
 from control_plane.gateway.main import build_server
-from mnemos.cli import cli
+from launchers.cli import cli
 from mnemos.config import NatsSettings
 from tests.conftest import assert_eventually
 

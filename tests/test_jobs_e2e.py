@@ -99,7 +99,9 @@ async def test_idle_worker_starts_new_job_without_polling(control_plane, start_w
     await asyncio.sleep(0.3)  # the worker is idle, waiting on its doorbell
     record = await client.run(job_spec("demo-fn:v1", function="noop"), timeout=5)
     assert record.status == "completed"
-    assert record.timings.queue_ms < 200, record.timings
+    # Polling would take up to the 60 s recheck; the doorbell takes milliseconds. The bound
+    # separates the two with room for a busy machine (speed itself: loadtest bench).
+    assert record.timings.queue_ms < 20_000, record.timings
 
 
 async def test_waiting_run_job_gets_a_record_and_can_be_cancelled(

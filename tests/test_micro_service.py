@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
 from nats.aio.client import Client as NATS
 
-from control_plane.service import ENDPOINTS
+from mnemos.endpoints import ENDPOINTS, Endpoint
 from mnemos.messages import ErrorReply, decode
 from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE, SERVICE_NAME, Names
 
@@ -34,7 +35,7 @@ async def test_srv_replies_validate_against_micro_schemas(verb: str, control_pla
     assert body["name"] == SERVICE_NAME
     if verb == "INFO":
         subjects = {e["subject"] for e in body["endpoints"]}
-        assert subjects == {control_plane.names.api_subject(e) for e in ENDPOINTS}
+        assert subjects == {e.subject(control_plane.names) for e in ENDPOINTS}
         assert body["metadata"]["namespace"] == control_plane.names.prefix
 
 
@@ -83,6 +84,30 @@ async def test_stats_count_errors_and_time(control_plane, nc: NATS, names: Names
     assert get["num_requests"] == 3 and get["num_errors"] == 3
     assert get["last_error"].startswith("job_not_found")
     assert get["processing_time"] > 0
+
+
+async def test_stats_time_the_whole_request(control_plane, nc: NATS, names: Names) -> None:
+    """The handler nats.micro times only starts a task: the numbers are the task's."""
+    await nc.request(names.api_subject("models.list"), b"{}", timeout=2)
+    reply = await nc.request(f"$SRV.STATS.{SERVICE_NAME}.{control_plane.service.id}", b"", timeout=2)
+    by_name = {e["name"]: e for e in json.loads(reply.data)["endpoints"]}
+    assert set(by_name) == {e.micro_name for e in ENDPOINTS}
+    listed = by_name["models-list"]
+    assert (listed["num_requests"], listed["num_errors"], listed["last_error"]) == (1, 0, "")
+    assert listed["processing_time"] > 0 and listed["average_processing_time"] == listed["processing_time"]
+    assert by_name["jobs-get"]["processing_time"] == by_name["jobs-get"]["num_requests"] == 0
+
+
+@pytest.mark.parametrize("endpoint", ENDPOINTS, ids=lambda e: e.name)
+async def test_an_empty_body_is_taken_where_the_declaration_says(
+    endpoint: Endpoint[Any, Any], control_plane, nc: NATS, names: Names
+) -> None:
+    reply = await nc.request(endpoint.subject(names), b"", timeout=5)
+    if endpoint.body_optional:
+        assert HDR_SERVICE_ERROR_CODE not in (reply.headers or {}), reply.data
+        decode(reply.data, endpoint.reply)
+    else:
+        assert decode(reply.data, ErrorReply).error.code == "invalid_json"
 
 
 async def test_oversized_request_is_rejected(control_plane, nc: NATS, names: Names) -> None:

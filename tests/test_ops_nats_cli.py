@@ -65,31 +65,22 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api as jsapi
 
-from control_plane.service import ENDPOINTS
 from mnemos.connection import barrier
 from mnemos.client import job_spec
 from mnemos.config import NatsSettings
+from mnemos.endpoints import ENDPOINTS
 from mnemos.messages import (
     CancelJob,
     Dispatch,
-    GetJob,
-    GetModel,
-    JobList,
     JobRecord,
     JobSpec,
     JobStatus,
-    ListJobs,
-    ListModels,
-    ListWorkers,
-    ModelList,
     ModelRecord,
     ResultChunk,
     ResultFinal,
     ResultMessage,
-    RetryJob,
     RetryPolicy,
     WorkerCommand,
-    WorkerList,
     WorkerRecord,
     decode,
     encode,
@@ -112,16 +103,8 @@ SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "nats-micro-schemas"
 JOB, WORKER = "<job_id>", "<worker_id>"
 
 #: What each API endpoint takes and answers.
-REQUEST_TYPES: dict[str, Any] = {
-    "jobs.submit": JobSpec, "jobs.run": JobSpec, "jobs.get": GetJob, "jobs.list": ListJobs,
-    "jobs.cancel": CancelJob, "jobs.retry": RetryJob, "workers.list": ListWorkers,
-    "models.list": ListModels, "models.get": GetModel,
-}
-REPLY_TYPES: dict[str, Any] = {
-    "jobs.submit": JobRecord, "jobs.run": JobRecord, "jobs.get": JobRecord, "jobs.list": JobList,
-    "jobs.cancel": JobRecord, "jobs.retry": JobRecord, "workers.list": WorkerList,
-    "models.list": ModelList, "models.get": ModelRecord,
-}
+REQUEST_TYPES: dict[str, Any] = {e.name: e.request for e in ENDPOINTS}
+REPLY_TYPES: dict[str, Any] = {e.name: e.reply for e in ENDPOINTS}
 RESULT = ResultMessage
 
 
@@ -437,7 +420,7 @@ def name_catalog(n: Names) -> dict[str, str]:
         "heartbeat": n.heartbeat_subject(WORKER), "worker control": n.worker_control_subject(WORKER),
         "cancel": n.cancel_subject(JOB), "api queue group": n.api_queue_group,
     }
-    names |= {f"api {e}": n.api_subject(e) for e in ENDPOINTS}
+    names |= {f"api {e.name}": e.subject(n) for e in ENDPOINTS}
     names |= {f"consumer {r} {p}": n.dispatch_consumer(r, p) for r in RUNTIMES for p in PRIORITIES}
     return names
 
@@ -465,7 +448,7 @@ def check_documented_command(argv: list[str], n: Names) -> None:
             n.models_bucket: {model_key(DEMO_MODEL_FAMILY, DEMO_MODEL_VERSION),
                               model_key(DEMO_FUNCTIONS_FAMILY, DEMO_FUNCTIONS_VERSION)}}
     consumers = {v for k, v in cat.items() if k.startswith("consumer ")}
-    api = {n.api_subject(e): e for e in ENDPOINTS}
+    api = {e.subject(n): e.name for e in ENDPOINTS}
     pos, flags = split_argv(argv)
     where = f"`nats {shlex.join(argv)}`"
     match pos:
@@ -521,7 +504,7 @@ def test_documented_commands_use_the_names_the_code_builds() -> None:
 
 def test_endpoint_table_is_what_nats_micro_info_shows() -> None:
     rows = {(code(name)[0], code(subject)[0]) for name, subject, _ in doc_table("| endpoint | subject |")}
-    assert rows == {(ENDPOINTS[e], Names().api_subject(e)) for e in ENDPOINTS}
+    assert rows == {(e.micro_name, e.subject(Names())) for e in ENDPOINTS}
 
 
 def test_namespace_table_follows_names() -> None:
@@ -628,11 +611,11 @@ async def test_micro_ls_info_stats_tell_instances_and_namespaces_apart(
             assert info["version"] and info["description"]
             assert sorted((e["name"], e["subject"], e["queue_group"], e["metadata"]["endpoint"])
                           for e in info["endpoints"]) == sorted(
-                (ENDPOINTS[e], names.api_subject(e), names.api_queue_group, e) for e in ENDPOINTS)
+                (e.micro_name, e.subject(names), names.api_queue_group, e.name) for e in ENDPOINTS)
 
         info, stats = await cli.micro_info(SERVICE_NAME, theirs)
         assert info["id"] == stats["id"] == theirs
-        assert {e["subject"] for e in info["endpoints"]} == {other_ns.names.api_subject(e) for e in ENDPOINTS}
+        assert {e["subject"] for e in info["endpoints"]} == {d.subject(other_ns.names) for d in ENDPOINTS}
 
         for _ in range(6):  # the queue group spreads them over our two instances
             await cli.req(names.api_subject("jobs.list"), "{}")

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.e2e
 def _start_up(data_dir: Path, port: int, gateway_port: int) -> subprocess.Popen[str]:
     env = dict(os.environ, MNEMOS_LOG_LEVEL="INFO", MNEMOS_WORKER_HEARTBEAT_INTERVAL_S="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mnemos", "up", "--data-dir", str(data_dir), "--port", str(port),
+        [sys.executable, "-m", "launchers", "up", "--data-dir", str(data_dir), "--port", str(port),
          "--gateway-port", str(gateway_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True,
     )
@@ -52,7 +52,7 @@ def _stop_up(proc: subprocess.Popen[str]) -> str:
 
 def _mnemos(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "mnemos", "--nats-url", f"nats://127.0.0.1:{port}", *args],
+        [sys.executable, "-m", "launchers", "--nats-url", f"nats://127.0.0.1:{port}", *args],
         capture_output=True, text=True, timeout=120,
     )
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,10 +14,10 @@ from control_plane.gateway.config import GatewaySettings
 from control_plane.gateway.metrics import GatewayMetrics
 from mnemos.client import Client
 from mnemos.errors import NotConnected
+from mnemos.tasks import Supervisor
 
 __all__ = ["GatewayState", "gateway_state", "tenant_client"]
 
-log = logging.getLogger("mnemos.gateway")
 
 _bearer = HTTPBearer(auto_error=False, description="An API key (when the gateway has keys configured)")
 
@@ -31,26 +29,20 @@ class GatewayState:
     metrics: GatewayMetrics
     #: Set by the app's lifespan (or given by the caller, e.g. tests).
     client: Client | None = None
-    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    #: Every background task of this gateway. ``mnemos gateway`` exits non-zero when a
+    #: supervised loop dies (it waits on ``supervisor.failed``).
+    supervisor: Supervisor = field(default_factory=lambda: Supervisor("gateway"))
 
-    def background(self, coro: Coroutine[Any, Any, Any]) -> None:
-        """Run ``coro`` after the response (e.g. cancel the job of a client that left); its
-        failure is logged, and :meth:`drain` waits for it at shutdown."""
-        task = asyncio.create_task(coro)
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[Any]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and t.exception() is not None:
-                log.warning("gateway background task failed: %r", t.exception())
-
-        task.add_done_callback(done)
+    def background(self, name: str, coro: Coroutine[Any, Any, Any]) -> None:
+        """Run ``coro`` after the response (e.g. cancel the job of a client that left) as
+        one-shot task ``name``: its failure is logged with the name, and :meth:`drain`
+        waits for it at shutdown."""
+        self.supervisor.spawn_oneshot(name, coro)
 
     async def drain(self, timeout: float = 5.0) -> None:
-        if self._tasks:
-            _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
-            for task in pending:
-                task.cancel()
+        """Let background tasks finish (bounded), then stop every task of the gateway."""
+        await self.supervisor.settle(timeout)
+        await self.supervisor.stop(timeout=timeout)
 
 
 def gateway_state(request: Request) -> GatewayState:

@@ -129,8 +129,11 @@ async def list_jobs(
     model: Annotated[str | None, Query(max_length=160, description="`family:version` or an alias")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 50,
     cursor: Annotated[str | None, Query(max_length=64)] = None,
+    dead_letter: Annotated[bool, Query(description="Only dead-lettered jobs: ended `failed` or `timeout` with "
+                                                   "their retries used up (see each job's `attempts`)")] = False,
 ) -> Response:
-    page = await client.list(status=list(status) if status else None, model=model, limit=limit, cursor=cursor)
+    page = await client.list(status=list(status) if status else None, model=model, limit=limit, cursor=cursor,
+                             dead_letter=dead_letter)
     return MsgspecResponse(page)
 
 

@@ -345,4 +345,5 @@ class _Stream:
         finally:
             gauge.dec()
             if not ended:  # the client went away (or the stream broke): stop the job
-                self.state.background(self.client.cancel(self.job_id, "the streaming client disconnected"))
+                self.state.background(f"cancel-{self.job_id}",
+                                      self.client.cancel(self.job_id, "the streaming client disconnected"))

@@ -141,7 +141,7 @@ def cli(ctx: click.Context, nats_url: str | None, namespace: str | None, output:
 @click.pass_obj
 def up(obj: _Ctx, data_dir: Path, port: int, workers: int, slots: int, gateway_port: int) -> None:
     """Run everything locally: embedded NATS, control plane, a worker, the demo model."""
-    from mnemos.up import UpOptions, run_up
+    from launchers.up import UpOptions, run_up
 
     _setup_logging()
     sys.exit(run_up(UpOptions(data_dir=data_dir, port=port, workers=workers, worker_slots=slots,
@@ -236,6 +236,14 @@ def _print_record(obj: _Ctx, record: JobRecord) -> None:
             t.add_row("metadata", json.dumps(record.output.metadata))
     if record.error is not None:
         t.add_row("error", f"{record.error.code}: {record.error.message}")
+    if record.waiting is not None:
+        t.add_row("waiting", f"{record.waiting.reason} for {record.waiting.waited_s:g} s: {record.waiting.detail}")
+    if record.dead_letter:
+        t.add_row("dead letter", "yes: its retries are used up")
+    if len(record.attempts) > 1 or record.dead_letter:
+        for a in record.attempts:
+            error = f" ({a.error.code}: {a.error.message})" if a.error is not None else ""
+            t.add_row(f"attempt {a.attempt}", f"{a.outcome or 'running'} on {a.worker_id}{error}")
     console.print(t)
 
 
@@ -349,14 +357,16 @@ async def _wait(obj: _Ctx, client: Client, job_id: str, timeout: float) -> JobRe
 @click.option("--stop", "stop_seq", multiple=True)
 @click.option("--seed", type=int, default=None)
 @click.option("--idempotency-key", default=None)
+@click.option("--queue-timeout", "queue_timeout_seconds", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="End the job `timeout` (queue_timeout) if no worker takes it within this many seconds.")
 @click.option("--stream", is_flag=True, help="Print output as it is generated.")
 @click.option("--wait", is_flag=True, help="Wait for the job to finish and print it.")
 @click.pass_obj
 def submit(obj: _Ctx, model: str, prompt: str | None, args: tuple[str, ...], kwargs: tuple[str, ...],
            function: str | None, runtime: str | None, priority: int, timeout_seconds: float,
            max_tokens: int | None, temperature: float | None, top_p: float | None, top_k: int | None,
-           stop_seq: tuple[str, ...], seed: int | None, idempotency_key: str | None, stream: bool,
-           wait: bool) -> None:
+           stop_seq: tuple[str, ...], seed: int | None, idempotency_key: str | None,
+           queue_timeout_seconds: float | None, stream: bool, wait: bool) -> None:
     """Submit a job."""
     from mnemos.client import Client, job_spec
 
@@ -373,7 +383,7 @@ def submit(obj: _Ctx, model: str, prompt: str | None, args: tuple[str, ...], kwa
     async def go() -> JobRecord:
         spec = job_spec(model, prompt=prompt, args=[_parse_value(a) for a in args], kwargs=kw, function=function,
                         runtime=runtime, priority=priority, timeout_seconds=timeout_seconds,
-                        idempotency_key=idempotency_key, **params)
+                        idempotency_key=idempotency_key, queue_timeout_seconds=queue_timeout_seconds, **params)
         async with await Client.connect(obj.settings) as client:
             record = await client.submit(spec)
             if stream:
@@ -409,14 +419,17 @@ def jobs() -> None:
 @click.option("--model", default=None, help="family:version or alias")
 @click.option("--limit", type=int, default=20, show_default=True)
 @click.option("--cursor", default=None, help="next_cursor of the previous page")
+@click.option("--dead-letter", is_flag=True, help="Only jobs that ended failed/timeout with their retries used up.")
 @click.pass_obj
-def jobs_ls(obj: _Ctx, status: tuple[str, ...], model: str | None, limit: int, cursor: str | None) -> None:
+def jobs_ls(obj: _Ctx, status: tuple[str, ...], model: str | None, limit: int, cursor: str | None,
+            dead_letter: bool) -> None:
     """List jobs, newest first (one page; the next with --cursor)."""
     from mnemos.client import Client
 
     async def go() -> Any:
         async with await Client.connect(obj.settings) as client:
-            return await client.list(status=list(status) or None, model=model, limit=limit, cursor=cursor)
+            return await client.list(status=list(status) or None, model=model, limit=limit, cursor=cursor,
+                                     dead_letter=dead_letter)
 
     page = _run(go())
     if obj.output == "json":

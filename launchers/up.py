@@ -203,7 +203,7 @@ class LocalStack:
         })
         env.update(options.extra_env)
         passthrough = tuple(v.strip() for v in env.get("MNEMOS_UP_PASS_ENV", "").split(",") if v.strip())
-        mnemos = [sys.executable, "-m", "mnemos"]
+        mnemos = [sys.executable, "-m", "launchers"]
         self.children = [_Child("control-plane", [*mnemos, "control-plane"], child_env("control-plane", env),
                                 self.logs / "control-plane.log")]
         worker_env = child_env("worker", env, passthrough)

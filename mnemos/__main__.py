@@ -1,3 +1,0 @@
-from mnemos.cli import main
-
-main()
