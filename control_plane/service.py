@@ -83,6 +83,7 @@ from mnemos.messages import (
     decode_result,
     RetryJob,
     Waiting,
+    WaitReason,
     WorkerList,
     decode,
     encode,
@@ -538,27 +539,33 @@ class ControlPlane:
         record, _ = await jobs.get(body.job_id)
         await self._respond(req, self._explain_wait(_visible(record, _tenant(req))))
 
-    def _explain_wait(self, record: JobRecord) -> JobRecord:
-        """Fill in why a queued job waits, from the live workers the reaper follows."""
+    def _explain_wait(self, record: JobRecord, capacity: dict[str, tuple[WaitReason, str]] | None = None) -> JobRecord:
+        """Fill in why a queued job waits, from the live workers the reaper follows
+        (``capacity``: what was found per runtime for the other jobs of one answer)."""
         if record.status != "queued" or self.reaper is None:
             return record
-        runtime = record.runtime
+        capacity = {} if capacity is None else capacity
+        if record.runtime not in capacity:
+            capacity[record.runtime] = self._capacity(record.runtime)
+        reason, detail = capacity[record.runtime]
         entry = self.index.entries.get(record.job_id) if self.index is not None else None
         if entry is not None and entry.queued_since is not None:
             waited = time.monotonic() - entry.queued_since
         else:
             waited = (utcnow() - record.updated_at).total_seconds()
+        record.waiting = Waiting(reason=reason, waited_s=round(max(0.0, waited), 3), detail=detail)
+        return record
+
+    def _capacity(self, runtime: str) -> tuple[WaitReason, str]:
+        """Why a job of ``runtime`` waits now, and what the control plane sees."""
+        assert self.reaper is not None
         workers = [w for w in self.reaper.live.values() if runtime in w.runtimes]
         serving = [w for w in workers if w.status in ("idle", "busy")]
         if not serving:
             others = f" ({len(workers)} paused, draining or starting)" if workers else ""
-            record.waiting = Waiting(reason="no_worker_for_runtime", waited_s=round(max(0.0, waited), 3),
-                                     detail=f"no live worker serves runtime {runtime}{others}")
-        else:
-            free = sum(w.free_slots for w in serving)
-            record.waiting = Waiting(reason="waiting_for_capacity", waited_s=round(max(0.0, waited), 3),
-                                     detail=f"{len(serving)} worker(s) serve runtime {runtime}; {free} free slot(s)")
-        return record
+            return "no_worker_for_runtime", f"no live worker serves runtime {runtime}{others}"
+        free = sum(w.free_slots for w in serving)
+        return "waiting_for_capacity", f"{len(serving)} worker(s) serve runtime {runtime}; {free} free slot(s)"
 
     async def _list(self, req: Request) -> None:
         """A page from the job index: bounded work whatever the bucket holds (the page's
@@ -585,8 +592,9 @@ class ControlPlane:
                                           limit=q.limit, max_scan=self.settings.list_max_scan,
                                           dead_letter=q.dead_letter)
             records = await asyncio.gather(*(self._read_listed(jobs, job_id) for job_id in ids))
+        capacity: dict[str, tuple[WaitReason, str]] = {}
         page = [
-            self._explain_wait(r) for r in records
+            self._explain_wait(r, capacity) for r in records
             if r is not None and (tenant is None or r.tenant == tenant)
             and (statuses is None or r.status in statuses)
             and (model is None or (r.spec.model.family, r.spec.model.version) == model)

@@ -38,6 +38,7 @@ class JobStore:
     def __init__(self, publisher: Publisher, kv: KeyValue, bucket: str) -> None:
         self.publisher = publisher
         self.kv = kv
+        self._js = publisher.nc.jetstream()
         self.bucket = bucket
 
     async def create(self, record: JobRecord, data: bytes | None = None) -> int:
@@ -60,7 +61,7 @@ class JobStore:
         check_job_id(job_id)
         try:
             if fresh:
-                msg = await self.kv._js.get_msg(  # noqa: SLF001 - nats-py's KV offers no leader read
+                msg = await self._js.get_msg(  # nats-py's KV offers no leader read: the stream's API does
                     Names.kv_stream(self.bucket), subject=Names.kv_key_subject(self.bucket, job_id), direct=False)
                 if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
                     raise JobNotFound(f"no job {job_id}")
