@@ -30,6 +30,7 @@ from control_plane.config import ControlPlaneSettings
 from control_plane.deferred import DeferredRecords
 from control_plane.index import JobIndex
 from control_plane.metrics import OK, ControlPlaneMetrics
+from control_plane.pools import PoolDirectory
 from control_plane.reaper import JobActions, Reaper, ReaperTimings
 from mnemos.catalog import ModelCatalog
 from mnemos.config import NatsSettings
@@ -43,11 +44,16 @@ from mnemos.endpoints import (
     JOBS_SUBMIT,
     MODELS_GET,
     MODELS_LIST,
+    POOLS_DELETE,
+    POOLS_GET,
+    POOLS_LIST,
+    POOLS_SET,
     WORKERS_LIST,
     bind,
 )
 from mnemos.errors import (
     Conflict,
+    Forbidden,
     Internal,
     JobNotFound,
     JobTimeout,
@@ -69,11 +75,13 @@ from mnemos.messages import (
     ErrorReply,
     GetJob,
     GetModel,
+    GetPool,
     JobList,
     JobRecord,
     JobSpec,
     ListJobs,
     ListModels,
+    ListPools,
     ListWorkers,
     Dispatch,
     ModelList,
@@ -81,7 +89,9 @@ from mnemos.messages import (
     TERMINAL_STATUSES,
     ResultFinal,
     decode_result,
+    RemovePool,
     RetryJob,
+    SetPool,
     Waiting,
     WaitReason,
     WorkerList,
@@ -122,6 +132,7 @@ class ControlPlane:
         self.reaper: Reaper | None = None
         self.index: JobIndex | None = None
         self.depth: QueueDepth | None = None
+        self.pools: PoolDirectory | None = None
         self.metrics = ControlPlaneMetrics()
         self.metrics_server: MetricsServer | None = None
         #: Every background loop of this process; one that dies sets ``supervisor.failed``.
@@ -159,6 +170,8 @@ class ControlPlane:
             self.deferred.start(self.supervisor)
         self.catalog = ModelCatalog(self.layout.models)
         await self.catalog.start(self.supervisor)
+        self.pools = PoolDirectory(self.layout.pools, self.layout.autoscaler, self.catalog)
+        await self.pools.start(self.supervisor)
         self.depth = QueueDepth(self.nc, self.names, self.settings.max_queued_per_runtime,
                                 self.settings.queue_depth_refresh_s, self.supervisor)
         await self.depth.refresh()
@@ -187,6 +200,10 @@ class ControlPlane:
             WORKERS_LIST: self._workers_list,
             MODELS_LIST: self._models_list,
             MODELS_GET: self._models_get,
+            POOLS_LIST: self._pools_list,
+            POOLS_GET: self._pools_get,
+            POOLS_SET: self._pools_set,
+            POOLS_DELETE: self._pools_delete,
         })
         self.service = await add_service(
             self.nc,
@@ -539,33 +556,53 @@ class ControlPlane:
         record, _ = await jobs.get(body.job_id)
         await self._respond(req, self._explain_wait(_visible(record, _tenant(req))))
 
-    def _explain_wait(self, record: JobRecord, capacity: dict[str, tuple[WaitReason, str]] | None = None) -> JobRecord:
-        """Fill in why a queued job waits, from the live workers the reaper follows
-        (``capacity``: what was found per runtime for the other jobs of one answer)."""
+    def _explain_wait(
+        self, record: JobRecord, capacity: dict[tuple[str, str], tuple[WaitReason, str, str | None]] | None = None
+    ) -> JobRecord:
+        """Fill in why a queued job waits, from the live workers the reaper follows and the
+        pool that serves it (``capacity``: what was found per runtime and model for the
+        other jobs of one answer)."""
         if record.status != "queued" or self.reaper is None:
             return record
         capacity = {} if capacity is None else capacity
-        if record.runtime not in capacity:
-            capacity[record.runtime] = self._capacity(record.runtime)
-        reason, detail = capacity[record.runtime]
+        key = (record.runtime, f"{record.spec.model.family}:{record.spec.model.version}")
+        if key not in capacity:
+            capacity[key] = self._capacity(*key)
+        reason, detail, pool = capacity[key]
         entry = self.index.entries.get(record.job_id) if self.index is not None else None
         if entry is not None and entry.queued_since is not None:
             waited = time.monotonic() - entry.queued_since
         else:
             waited = (utcnow() - record.updated_at).total_seconds()
-        record.waiting = Waiting(reason=reason, waited_s=round(max(0.0, waited), 3), detail=detail)
+        record.waiting = Waiting(reason=reason, waited_s=round(max(0.0, waited), 3), detail=detail, pool=pool)
         return record
 
-    def _capacity(self, runtime: str) -> tuple[WaitReason, str]:
-        """Why a job of ``runtime`` waits now, and what the control plane sees."""
+    def _capacity(self, runtime: str, model: str) -> tuple[WaitReason, str, str | None]:
+        """Why a job of ``runtime`` for ``model`` waits now, what the control plane sees,
+        and the pool the autoscaler grows for it (if any)."""
         assert self.reaper is not None
         workers = [w for w in self.reaper.live.values() if runtime in w.runtimes]
         serving = [w for w in workers if w.status in ("idle", "busy")]
+        served = self.pools.serving(runtime, model) if self.pools is not None else None
+        pool_note = ""
+        if served is not None:
+            spec, status = served
+            if status is None:
+                pool_note = f"; pool {spec.name}: no autoscaler has acted on it yet"
+            else:
+                pool_note = (f"; pool {spec.name}: {status.ready} ready, {status.starting} starting, "
+                             f"desired {status.desired} of max {spec.max_workers}")
+                if status.at_max:
+                    pool_note += " (at max_workers: the backlog waits for a free slot)"
         if not serving:
             others = f" ({len(workers)} paused, draining or starting)" if workers else ""
-            return "no_worker_for_runtime", f"no live worker serves runtime {runtime}{others}"
+            if served is not None:
+                return ("waiting_for_capacity", f"no live worker serves runtime {runtime} yet{others}{pool_note}",
+                        served[0].name)
+            return "no_worker_for_runtime", f"no live worker serves runtime {runtime}{others}", None
         free = sum(w.free_slots for w in serving)
-        return "waiting_for_capacity", f"{len(serving)} worker(s) serve runtime {runtime}; {free} free slot(s)"
+        return ("waiting_for_capacity", f"{len(serving)} worker(s) serve runtime {runtime}; {free} free slot(s)"
+                f"{pool_note}", served[0].name if served is not None else None)
 
     async def _list(self, req: Request) -> None:
         """A page from the job index: bounded work whatever the bucket holds (the page's
@@ -592,7 +629,7 @@ class ControlPlane:
                                           limit=q.limit, max_scan=self.settings.list_max_scan,
                                           dead_letter=q.dead_letter)
             records = await asyncio.gather(*(self._read_listed(jobs, job_id) for job_id in ids))
-        capacity: dict[str, tuple[WaitReason, str]] = {}
+        capacity: dict[tuple[str, str], tuple[WaitReason, str, str | None]] = {}
         page = [
             self._explain_wait(r, capacity) for r in records
             if r is not None and (tenant is None or r.tenant == tenant)
@@ -628,6 +665,31 @@ class ControlPlane:
         _, catalog, _ = self._ready()
         q = decode(req.data, GetModel)
         await self._respond(req, await catalog.resolve(q.name))
+
+    # ------------------------------------------------------------------ pools
+
+    def _pool_directory(self, req: Request, *, change: bool) -> PoolDirectory:
+        if self.pools is None:
+            raise Unavailable("control plane is not started")
+        if change and _tenant(req) is not None:
+            raise Forbidden("pools are the operator's: a tenant's request cannot change them")
+        return self.pools
+
+    async def _pools_list(self, req: Request) -> None:
+        decode(req.data or b"{}", ListPools)
+        await self._respond(req, self._pool_directory(req, change=False).list())
+
+    async def _pools_get(self, req: Request) -> None:
+        q = decode(req.data, GetPool)
+        await self._respond(req, await self._pool_directory(req, change=False).get(q.name))
+
+    async def _pools_set(self, req: Request) -> None:
+        body = decode(req.data, SetPool)
+        await self._respond(req, await self._pool_directory(req, change=True).set(body.pool))
+
+    async def _pools_delete(self, req: Request) -> None:
+        body = decode(req.data, RemovePool)
+        await self._respond(req, await self._pool_directory(req, change=True).delete(body.name))
 
     # ------------------------------------------------------------------ cancel / retry
 

@@ -181,6 +181,26 @@ def worker_cmd(obj: _Ctx, runtimes: str | None, slots: int | None) -> None:
     _run(_serve_until_signal(lambda stop: serve(obj.settings, settings, registry_settings, stop)))
 
 
+@cli.command("autoscaler")
+@click.pass_obj
+def autoscaler_cmd(obj: _Ctx) -> None:
+    """Run an autoscaler (any number may run; the one holding the lease acts)."""
+    from control_plane.autoscaler.config import AutoscalerSettings
+    from control_plane.autoscaler.main import serve
+
+    _setup_logging()
+    settings = _settings(AutoscalerSettings)
+    _run(_serve_until_signal(lambda stop: serve(obj.settings, settings, stop)))
+
+
+@cli.command("zygote", hidden=True)
+def zygote_cmd() -> None:
+    """Pre-import the runtimes and fork a worker per request on stdin (the local provider's)."""
+    from launchers.zygote import main as zygote_main
+
+    sys.exit(zygote_main())
+
+
 @cli.command("gateway")
 @click.option("--host", default=None, help="Address to bind (MNEMOS_GATEWAY_HOST, default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (MNEMOS_GATEWAY_PORT, default 8080).")

@@ -21,40 +21,11 @@ from pathlib import Path
 
 from mnemos.config import NatsSettings
 from mnemos.embedded import EmbeddedNats, die_with_parent
+from mnemos.environment import child_env, passthrough_names
 
 __all__ = ["UpOptions", "LocalStack", "run_up", "ensure_demo", "child_env"]
 
 log = logging.getLogger("mnemos.up")
-
-#: Settings every role reads: where NATS is, the namespace, replicas, logging.
-_SHARED_SETTINGS = ("MNEMOS_NATS_", "MNEMOS_NAMESPACE", "MNEMOS_REPLICAS", "MNEMOS_LOG_")
-#: The settings (and credentials) of each role; no role is given another's.
-_ROLE_SETTINGS: dict[str, tuple[str, ...]] = {
-    "control-plane": ("MNEMOS_CP_",),
-    # Workers download S3-stored models, so they get the artifact store's settings.
-    "worker": ("MNEMOS_WORKER_", "MNEMOS_ARTIFACT_STORE", "MNEMOS_S3_", "MNEMOS_UPLOAD_CHUNK_BYTES", "AWS_"),
-    "gateway": ("MNEMOS_GATEWAY_",),
-}
-#: What any process needs to run (paths, locale, Python, the ML libraries' caches and
-#: devices); nothing else of the caller's environment (tokens, keys) reaches a child.
-_PROCESS_ENV = (
-    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_", "TZ", "TERM", "TMPDIR", "XDG_", "PYTHON",
-    "VIRTUAL_ENV", "SSL_CERT_", "REQUESTS_CA_BUNDLE", "CUDA_", "NVIDIA_", "LD_LIBRARY_PATH", "HF_",
-    "TRANSFORMERS_", "TORCH", "OMP_", "MKL_", "TOKENIZERS_", "VLLM_",
-)
-
-
-def child_env(role: str, environ: dict[str, str], passthrough: tuple[str, ...] = ()) -> dict[str, str]:
-    """The environment ``mnemos up`` gives a child of ``role``: the process basics, the
-    shared settings and that role's own settings, plus the variables named in
-    ``passthrough`` (``MNEMOS_UP_PASS_ENV``, for workers only). A worker runs user code, so
-    it must never see the gateway's API keys or anything else it does not need."""
-    allowed = _PROCESS_ENV + _SHARED_SETTINGS + _ROLE_SETTINGS[role]
-    return {
-        k: v for k, v in environ.items()
-        if k.startswith(allowed) or (role == "worker" and k in passthrough)
-    }
-
 
 @dataclass
 class UpOptions:
@@ -202,7 +173,7 @@ class LocalStack:
             "PYTHONUNBUFFERED": "1",
         })
         env.update(options.extra_env)
-        passthrough = tuple(v.strip() for v in env.get("MNEMOS_UP_PASS_ENV", "").split(",") if v.strip())
+        passthrough = passthrough_names(env)
         mnemos = [sys.executable, "-m", "launchers"]
         self.children = [_Child("control-plane", [*mnemos, "control-plane"], child_env("control-plane", env),
                                 self.logs / "control-plane.log")]

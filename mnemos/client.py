@@ -32,6 +32,10 @@ from mnemos.endpoints import (
     JOBS_SUBMIT,
     MODELS_GET,
     MODELS_LIST,
+    POOLS_DELETE,
+    POOLS_GET,
+    POOLS_LIST,
+    POOLS_SET,
     WORKERS_LIST,
     Endpoint,
 )
@@ -42,13 +46,19 @@ from mnemos.messages import (
     ErrorReply,
     GetJob,
     GetModel,
+    GetPool,
     JobList,
     JobRecord,
     JobSpec,
     ListJobs,
     ListModels,
+    ListPools,
     ListWorkers,
     ModelRecord,
+    PoolSpec,
+    PoolView,
+    RemovePool,
+    SetPool,
     ResultFinal,
     ResultMessage,
     decode_result,
@@ -417,4 +427,22 @@ class Client:
 
     async def model(self, name: str) -> ModelRecord:
         return await self._call(MODELS_GET, GetModel(name=name))
+
+    # ------------------------------------------------------------------ pools (the operator's)
+
+    async def pools(self) -> builtins.list[PoolView]:
+        """Every autoscaler pool with its status."""
+        return (await self._call(POOLS_LIST, ListPools())).pools
+
+    async def pool(self, name: str) -> PoolView:
+        """One pool: settings, status, the latest scaling decisions (``pool_not_found``)."""
+        return await self._call(POOLS_GET, GetPool(name=name))
+
+    async def set_pool(self, spec: PoolSpec) -> PoolView:
+        """Create or replace a pool; the autoscaler follows within a tick."""
+        return await self._call(POOLS_SET, SetPool(pool=spec))
+
+    async def delete_pool(self, name: str) -> PoolView:
+        """Remove a pool; the autoscaler drains its workers. The pool as it was."""
+        return await self._call(POOLS_DELETE, RemovePool(name=name))
 

@@ -27,7 +27,13 @@ from mnemos.messages import (
     ListWorkers,
     ModelList,
     ModelRecord,
+    GetPool,
+    ListPools,
+    PoolList,
+    PoolView,
+    RemovePool,
     RetryJob,
+    SetPool,
     WorkerList,
 )
 from mnemos.names import Names
@@ -44,6 +50,10 @@ __all__ = [
     "WORKERS_LIST",
     "MODELS_LIST",
     "MODELS_GET",
+    "POOLS_LIST",
+    "POOLS_GET",
+    "POOLS_SET",
+    "POOLS_DELETE",
     "bind",
     "endpoint",
 ]
@@ -91,10 +101,16 @@ JOBS_RETRY = Endpoint("jobs.retry", RetryJob, JobRecord, "Queue an ended job aga
 WORKERS_LIST = Endpoint("workers.list", ListWorkers, WorkerList, "The live workers.", body_optional=True)
 MODELS_LIST = Endpoint("models.list", ListModels, ModelList, "The registered models.", body_optional=True)
 MODELS_GET = Endpoint("models.get", GetModel, ModelRecord, "A model's record, by name or alias.")
+POOLS_LIST = Endpoint("pools.list", ListPools, PoolList, "The pools with their status.", body_optional=True)
+POOLS_GET = Endpoint("pools.get", GetPool, PoolView, "One pool's settings, status and latest scaling decisions.")
+POOLS_SET = Endpoint("pools.set", SetPool, PoolView, "Create or replace a pool (the autoscaler follows at once).")
+POOLS_DELETE = Endpoint("pools.delete", RemovePool, PoolView,
+                        "Remove a pool; the autoscaler drains its workers. The reply is the pool as it was.")
 
 #: Every endpoint, in the order docs/api.md lists them.
 ENDPOINTS: tuple[Endpoint[Any, Any], ...] = (
     JOBS_SUBMIT, JOBS_RUN, JOBS_GET, JOBS_LIST, JOBS_CANCEL, JOBS_RETRY, WORKERS_LIST, MODELS_LIST, MODELS_GET,
+    POOLS_LIST, POOLS_GET, POOLS_SET, POOLS_DELETE,
 )
 
 _BY_NAME: dict[str, Endpoint[Any, Any]] = {e.name: e for e in ENDPOINTS}

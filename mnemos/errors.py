@@ -36,6 +36,8 @@ __all__ = [
     "Unauthorized",
     "JobNotFound",
     "ModelNotFound",
+    "PoolNotFound",
+    "Forbidden",
     "InvalidState",
     "NotCancellable",
     "Conflict",
@@ -150,6 +152,13 @@ class Unauthorized(MnemosError, PermissionError):
     status = 401
 
 
+class Forbidden(MnemosError, PermissionError):
+    """The caller is known but may not do this (a tenant managing the operator's pools)."""
+
+    code = "forbidden"
+    status = 403
+
+
 class JobNotFound(MnemosError, LookupError):
     code = "job_not_found"
     status = 404
@@ -157,6 +166,11 @@ class JobNotFound(MnemosError, LookupError):
 
 class ModelNotFound(MnemosError, LookupError):
     code = "model_not_found"
+    status = 404
+
+
+class PoolNotFound(MnemosError, LookupError):
+    code = "pool_not_found"
     status = 404
 
 
@@ -258,8 +272,10 @@ ERROR_CLASSES: dict[str, type[MnemosError]] = {
         UnknownModel,
         UnknownRuntime,
         Unauthorized,
+        Forbidden,
         JobNotFound,
         ModelNotFound,
+        PoolNotFound,
         InvalidState,
         NotCancellable,
         Conflict,

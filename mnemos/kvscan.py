@@ -1,14 +1,18 @@
-"""Reading a whole KV bucket once, correctly (nats-py's own markers race; see kv_values)."""
+"""Reading a KV bucket: once, correctly (nats-py's own markers race; see kv_values), or
+followed into a dict of decoded values (:func:`mirror`)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, MutableMapping
+from typing import TypeVar
 
 import nats.errors
 from nats.js.kv import KeyValue
 
-__all__ = ["kv_values"]
+__all__ = ["kv_values", "mirror"]
+
+T = TypeVar("T")
 
 log = logging.getLogger("mnemos.kv")
 
@@ -41,5 +45,39 @@ async def kv_values(kv: KeyValue) -> AsyncIterator[tuple[str, bytes, int]]:
                 yield entry.key, entry.value, entry.revision
             if entry.delta == 0 or entry.revision >= state.last_seq:
                 return
+    finally:
+        await watcher.stop()  # type: ignore[no-untyped-call]
+
+
+async def mirror(
+    watcher: KeyValue.KeyWatcher,
+    type: type[T],  # noqa: A002 - as decode's
+    into: MutableMapping[str, T],
+    *,
+    prefix: str = "",
+    on_change: Callable[[str, T | None], None] | None = None,
+) -> None:
+    """Keep ``into`` equal to the bucket's live keys (those starting with ``prefix``, which
+    is cut off), decoded as ``type``, until cancelled. A malformed value is logged and
+    skipped; ``on_change(key, value or None)`` is called after each change."""
+    from mnemos.errors import MnemosError
+    from mnemos.messages import decode
+
+    try:
+        async for entry in watcher:
+            if entry is None or not entry.key.startswith(prefix):
+                continue
+            key = entry.key[len(prefix):]
+            value: T | None = None
+            if entry.operation is None and entry.value:
+                try:
+                    value = into[key] = decode(entry.value, type)
+                except MnemosError as e:
+                    log.warning("ignoring malformed %s entry %s: %s", type.__name__, entry.key, e)
+                    continue
+            else:
+                into.pop(key, None)
+            if on_change is not None:
+                on_change(key, value)
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]

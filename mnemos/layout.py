@@ -42,7 +42,10 @@ class Layout:
     workers: KeyValue
     models: KeyValue
     idempotency: KeyValue
-
+    #: Autoscaler pools (``PoolSpec`` by pool name) and the autoscaler's own state
+    #: (its leader lease and each pool's status).
+    pools: KeyValue
+    autoscaler: KeyValue
 
 
 async def _ensure_stream(js: JetStreamContext, config: jsapi.StreamConfig, update: bool) -> None:
@@ -169,4 +172,30 @@ async def ensure_layout(
             direct=True,
         ),
     )
-    return Layout(names=names, jobs=jobs, workers=workers, models=models, idempotency=idempotency)
+    pools = await _ensure_kv(
+        js,
+        jsapi.KeyValueConfig(
+            bucket=names.pools_bucket,
+            description="MNEMOS autoscaler pools (settings; mnemos pools set/rm)",
+            history=5,
+            storage=jsapi.StorageType.FILE,
+            replicas=o.replicas,
+            direct=o.replicas == 1,
+        ),
+    )
+    autoscaler = await _ensure_kv(
+        js,
+        jsapi.KeyValueConfig(
+            bucket=names.autoscaler_bucket,
+            description="MNEMOS autoscaler state: the leader lease (expires unless renewed), pool status",
+            history=1,
+            storage=jsapi.StorageType.FILE,
+            replicas=o.replicas,
+            # The lease is read right before its compare-and-set: from the leader.
+            direct=o.replicas == 1,
+            # Per-key TTLs (the lease), and a marker when one expires.
+            limit_marker_ttl=60.0,
+        ),
+    )
+    return Layout(names=names, jobs=jobs, workers=workers, models=models, idempotency=idempotency,
+                  pools=pools, autoscaler=autoscaler)

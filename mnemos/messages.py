@@ -63,6 +63,18 @@ __all__ = [
     "ModelList",
     "GetModel",
     "ErrorReply",
+    "PoolName",
+    "PoolSpec",
+    "PoolWorker",
+    "ScalingDecision",
+    "PoolStatus",
+    "PoolView",
+    "PoolList",
+    "ListPools",
+    "GetPool",
+    "SetPool",
+    "RemovePool",
+    "LeaseRecord",
     "encode",
     "decode",
     "new_job_id",
@@ -249,6 +261,7 @@ class Timings(_Strict):
 WaitReason = Literal["no_worker_for_runtime", "waiting_for_capacity"]
 
 
+
 class Waiting(_Strict):
     """Why a queued job has not started."""
 
@@ -258,6 +271,9 @@ class Waiting(_Strict):
     #: How long it has waited so far, and what the control plane saw.
     waited_s: float
     detail: str = ""
+    #: The autoscaler pool that serves the job's runtime, if one does (its status says what
+    #: the autoscaler is doing about the wait: ``mnemos pools get NAME``).
+    pool: str | None = None
 
 
 class JobRecord(_Strict, tag="io.mnemos.v1.job", tag_field="type"):
@@ -422,7 +438,9 @@ class WorkerRecord(_Strict, tag="io.mnemos.v1.worker", tag_field="type"):
 class WorkerCommand(_Strict, tag="io.mnemos.v1.worker_command", tag_field="type"):
     """Request on ``mnemos.worker.<id>.control``; the reply is the worker's record."""
 
-    command: Literal["status", "drain", "pause", "resume"]
+    #: ``drain_if_idle``: drain only if no job is running or being claimed right now (the
+    #: autoscaler's scale-down; a busy worker answers with its record and keeps working).
+    command: Literal["status", "drain", "drain_if_idle", "pause", "resume"]
 
 
 # ----------------------------------------------------------------------------- models
@@ -517,6 +535,141 @@ class ErrorReply(_Strict, tag="io.mnemos.v1.error", tag_field="type"):
     """Body of every error reply (the micro error headers carry the same code)."""
 
     error: ErrorInfo
+
+
+# ----------------------------------------------------------------------------- pools
+
+#: A pool's name: a KV key token and a tag value (lower case, digits, ``-``).
+PoolName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,47}$")]
+ModelName = Annotated[str, Meta(min_length=3, max_length=160)]
+ProviderName = Literal["local", "aws"]
+SettingValue = str | int | float | bool
+
+
+class PoolSpec(_Strict, tag="io.mnemos.v1.pool", tag_field="type"):
+    """A set of identical workers the autoscaler keeps sized to their work: the value of
+    ``mnemos_pools.<name>`` (``nats kv get mnemos_pools NAME``)."""
+
+    name: PoolName
+    runtimes: Annotated[list[Runtime], Meta(min_length=1)]
+    #: Models (``family:version``) the pool is for; empty: every model of its runtimes.
+    #: A job counts toward the most specific pool: one that names its model, else one
+    #: that serves its runtime.
+    models: list[ModelName] = field(default_factory=list)
+    provider: ProviderName = "local"
+    #: Provider settings (``aws``: ``region``, ``endpoint_url``; ``local``: ``env``-like
+    #: ``MNEMOS_WORKER_*`` overrides are not accepted here, see docs/autoscaling.md).
+    provider_settings: dict[str, SettingValue] = field(default_factory=dict)
+    min_workers: NonNegInt = 0
+    max_workers: Annotated[int, Meta(ge=0, le=10_000)] = 4
+    #: Jobs per worker the pool aims at (None: each worker's declared ``max_concurrent_jobs``;
+    #: never more than that).
+    target_concurrency: PositiveInt | None = None
+    #: Concurrent jobs a worker of the pool runs (what a new local worker is started with,
+    #: and the capacity assumed for a worker not yet registered).
+    worker_slots: Annotated[int, Meta(ge=1, le=4096)] = 4
+    #: Idle spares kept warm while the pool has work (Modal's ``buffer_containers``).
+    buffer_workers: NonNegInt = 0
+    #: Scale down only after this long of surplus, to the most the window needed.
+    scaledown_window_s: Annotated[float, Meta(ge=0, le=86_400)] = 60.0
+    #: A started worker that has not registered after this long is stopped and replaced.
+    start_timeout_s: Annotated[float, Meta(gt=0, le=7200)] = 180.0
+    description: str = ""
+
+
+class PoolWorker(_Strict):
+    """One worker of a pool as the autoscaler tracks it."""
+
+    worker_id: str
+    #: ``starting``: asked of the provider, not registered yet; ``ready``: registered
+    #: (idle or busy); ``draining``: told to drain (it finishes its jobs, deregisters and
+    #: is then stopped by the provider).
+    state: Literal["starting", "ready", "draining"]
+    since: datetime
+    started_at: datetime | None = None
+    #: Seconds from the provider's start to the worker's registration.
+    provisioning_s: float | None = None
+    busy: bool = False
+    detail: str = ""
+
+
+class ScalingDecision(_Strict):
+    """One thing the autoscaler did, and why."""
+
+    at: datetime
+    #: ``scale_up``, ``scale_down``, ``at_max``, ``replace``, ``remove``, ``release``, ``error``.
+    action: str
+    #: What it saw (demand, workers, per-worker capacity) and the rule that applied.
+    reason: str
+    #: What it asked the provider for.
+    asked: str = ""
+    #: What came of it.
+    outcome: str = ""
+
+
+class PoolStatus(_Strict, tag="io.mnemos.v1.pool_status", tag_field="type"):
+    """What the acting autoscaler last saw and did for one pool
+    (``nats kv get mnemos_autoscaler status.NAME``)."""
+
+    pool: PoolName
+    updated_at: datetime
+    autoscaler: str
+    desired: NonNegInt = 0
+    starting: NonNegInt = 0
+    ready: NonNegInt = 0
+    busy: NonNegInt = 0
+    draining: NonNegInt = 0
+    #: Dispatch messages held for the pool (queued or running) by priority, and in all.
+    messages_by_priority: dict[str, int] = field(default_factory=dict)
+    messages: NonNegInt = 0
+    running: NonNegInt = 0
+    per_worker: PositiveInt = 1
+    #: The pool is at ``max_workers`` with work waiting (visible, never silent).
+    at_max: bool = False
+    #: Surplus since (the scale-down window's start) and the most workers needed since.
+    surplus_since: datetime | None = None
+    surplus_peak: NonNegInt = 0
+    workers: list[PoolWorker] = field(default_factory=list)
+    #: The latest decisions, newest last.
+    decisions: list[ScalingDecision] = field(default_factory=list)
+
+
+class PoolView(_Strict, tag="io.mnemos.v1.pool_view", tag_field="type"):
+    """A pool's settings with its status (None until an autoscaler has acted on it)."""
+
+    spec: PoolSpec
+    status: PoolStatus | None = None
+    revision: NonNegInt = 0
+
+
+class PoolList(_Strict, tag="io.mnemos.v1.pool_list", tag_field="type"):
+    pools: list[PoolView]
+
+
+class ListPools(_Strict):
+    pass
+
+
+class GetPool(_Strict):
+    name: PoolName
+
+
+class SetPool(_Strict):
+    pool: PoolSpec
+
+
+class RemovePool(_Strict):
+    name: PoolName
+
+
+class LeaseRecord(_Strict, tag="io.mnemos.v1.lease", tag_field="type"):
+    """The autoscaler's leadership (``mnemos_autoscaler.leader``); it expires with the
+    key's TTL unless its holder renews it."""
+
+    holder: str
+    acquired_at: datetime
+    renewed_at: datetime
+    ttl_s: float
 
 
 # ----------------------------------------------------------------------------- codec

@@ -104,6 +104,24 @@ class Names:
         return f"{self.prefix}_idempotency"
 
     @property
+    def pools_bucket(self) -> str:
+        """Autoscaler pools: key ``<pool name>``, value a ``PoolSpec``."""
+        return f"{self.prefix}_pools"
+
+    @property
+    def autoscaler_bucket(self) -> str:
+        """The autoscaler's state: its leader lease and each pool's status."""
+        return f"{self.prefix}_autoscaler"
+
+    #: Key of the autoscaler's leader lease in :attr:`autoscaler_bucket`.
+    AUTOSCALER_LEASE_KEY = "leader"
+
+    @staticmethod
+    def pool_status_key(pool: str) -> str:
+        """Key of a pool's status in :attr:`autoscaler_bucket`."""
+        return f"status.{pool}"
+
+    @property
     def artifacts_bucket(self) -> str:
         return f"{self.prefix}_artifacts"
 

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from mnemos.client import Client
 from mnemos.config import NatsSettings
 from mnemos.errors import NotConnected
-from mnemos.messages import JobList, JobRecord, JobSpec, ModelRecord, ResultMessage, WorkerRecord
+from mnemos.messages import JobList, JobRecord, JobSpec, ModelRecord, PoolSpec, PoolView, ResultMessage, WorkerRecord
 
 __all__ = ["SyncClient"]
 
@@ -196,6 +196,20 @@ class SyncClient:
 
     def model(self, name: str) -> ModelRecord:
         return self._call(self._live().model(name))
+
+    # ------------------------------------------------------------------ pools
+
+    def pools(self) -> builtins.list[PoolView]:
+        return self._call(self._live().pools())
+
+    def pool(self, name: str) -> PoolView:
+        return self._call(self._live().pool(name))
+
+    def set_pool(self, spec: PoolSpec) -> PoolView:
+        return self._call(self._live().set_pool(spec))
+
+    def delete_pool(self, name: str) -> PoolView:
+        return self._call(self._live().delete_pool(name))
 
 
 async def _anext(agen: AsyncIterator[T]) -> T:

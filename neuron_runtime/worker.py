@@ -489,6 +489,10 @@ class Worker:
             self._set_paused(cmd.command == "pause")
         elif cmd.command == "drain":
             self._request_exit("drain requested")
+        elif cmd.command == "drain_if_idle" and self._active == 0 and self._status in ("idle", "paused"):
+            # Decided and done in one step of the loop: no job can start in between, and a
+            # message a pull brings in afterwards goes back to the queue untouched.
+            self._request_exit("drain requested (idle: scale-down)")
         if msg.reply:
             await msg.respond(encode(self.record()))
 

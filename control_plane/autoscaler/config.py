@@ -1,0 +1,39 @@
+"""Autoscaler settings (``MNEMOS_AUTOSCALER_*``), read once by the CLI and passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["AutoscalerSettings"]
+
+
+class AutoscalerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MNEMOS_AUTOSCALER_", extra="ignore", frozen=True)
+
+    #: This instance's name in the lease and in each pool's status (default: host + pid).
+    instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    #: How often the acting autoscaler looks at the queues and workers. Work that waits is
+    #: seen within one tick, and a worker is asked for in the same tick.
+    tick_s: float = Field(default=0.2, gt=0, le=10)
+    #: The leader lease: it expires this long after its last renewal (a standby takes over
+    #: then), and is renewed every ``lease_renew_s``.
+    lease_ttl_s: float = Field(default=4.0, ge=1.0, le=300)
+    lease_renew_s: float = Field(default=1.0, gt=0)
+    #: Where the ``local`` provider keeps track of the worker processes it started (shared
+    #: by every autoscaler on this machine, so one that takes over finds them).
+    state_dir: Path = Field(default=Path.home() / ".cache" / "mnemos" / "autoscaler")
+    #: The ``local`` provider forks workers from a pre-started process that has imported
+    #: the runtimes (much faster cold starts); off: a fresh process per worker.
+    local_zygote: bool = True
+    #: A pool's status is written when it changes, and at least this often.
+    status_every_s: float = Field(default=2.0, gt=0)
+    #: How many decisions a pool's status keeps.
+    decisions_kept: int = Field(default=30, ge=1, le=1000)
+    #: How long a worker has to answer a ``drain_if_idle`` command.
+    command_timeout_s: float = Field(default=2.0, gt=0)
+    #: Prometheus endpoint; port 0 picks a free one, -1 turns it off.
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9095, ge=-1, le=65535)
