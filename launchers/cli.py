@@ -67,6 +67,8 @@ EXIT_BY_CODE: dict[str, int] = {
     "invalid_state": EXIT_CONFLICT,
     "not_cancellable": EXIT_CONFLICT,
     "queue_full": EXIT_QUEUE_FULL,
+    "pool_not_found": EXIT_NOT_FOUND,
+    "forbidden": EXIT_INVALID,
 }
 
 
@@ -532,6 +534,137 @@ def workers_ls(obj: _Ctx, runtime: str | None) -> None:
                   str(len(w.current_jobs)), ",".join(w.loaded_models) or "-", str(w.jobs_completed),
                   str(w.jobs_failed), str(gpus))
     console.print(t)
+
+
+# ---------------------------------------------------------------------------- pools
+
+
+@cli.group()
+def pools() -> None:
+    """Autoscaler pools: sets of identical workers sized to their work (the operator's)."""
+
+
+def _client_call(obj: _Ctx, call: Callable[[Any], Awaitable[T]]) -> T:
+    from mnemos.client import Client
+
+    async def go() -> T:
+        async with await Client.connect(obj.settings) as client:
+            return await call(client)
+
+    return _run(go())
+
+
+@pools.command("ls")
+@click.pass_obj
+def pools_ls(obj: _Ctx) -> None:
+    """List the pools: bounds, workers (desired, ready, starting, draining), queued work."""
+    found = _client_call(obj, lambda c: c.pools())
+    if obj.output == "json":
+        click.echo(encode(found).decode())
+        return
+    t = Table("pool", "provider", "runtimes", "models", "min", "max", "desired", "ready", "busy", "starting",
+              "draining", "messages", "at max")
+    for view in found:
+        spec, st = view.spec, view.status
+        counts = (["-"] * 7 if st is None else
+                  [str(st.desired), str(st.ready), str(st.busy), str(st.starting), str(st.draining), str(st.messages),
+                   "yes" if st.at_max else "no"])
+        t.add_row(spec.name, spec.provider, ",".join(spec.runtimes), ",".join(spec.models) or "*",
+                  str(spec.min_workers), str(spec.max_workers), *counts)
+    console.print(t)
+
+
+@pools.command("get")
+@click.argument("name")
+@click.pass_obj
+def pools_get(obj: _Ctx, name: str) -> None:
+    """A pool's settings, status, workers and latest scaling decisions (with their reasons)."""
+    view = _client_call(obj, lambda c: c.pool(name))
+    if obj.output == "json":
+        click.echo(encode(view).decode())
+        return
+    spec, st = view.spec, view.status
+    console.print(f"[bold]{spec.name}[/bold]  provider {spec.provider}  runtimes {','.join(spec.runtimes)}  "
+                  f"models {','.join(spec.models) or '*'}")
+    console.print(f"  workers min {spec.min_workers} max {spec.max_workers}  slots {spec.worker_slots}  "
+                  f"target concurrency {spec.target_concurrency or 'slots'}  buffer {spec.buffer_workers}  "
+                  f"scale-down window {spec.scaledown_window_s:g}s")
+    if st is None:
+        console.print("  no autoscaler has acted on this pool yet (is `mnemos autoscaler` running?)")
+        return
+    console.print(f"  desired {st.desired}  ready {st.ready} (busy {st.busy})  starting {st.starting}  "
+                  f"draining {st.draining}  messages {st.messages} {st.messages_by_priority or ''}  "
+                  f"running {st.running}{'  [red]AT MAX_WORKERS: work waits[/red]' if st.at_max else ''}")
+    console.print(f"  by {st.autoscaler}, {st.updated_at.isoformat(timespec='seconds')}")
+    if st.workers:
+        t = Table("worker", "state", "since", "provisioning", "busy", "detail")
+        for w in st.workers:
+            t.add_row(w.worker_id, w.state, w.since.isoformat(timespec="seconds"),
+                      "-" if w.provisioning_s is None else f"{w.provisioning_s:.2f}s", "yes" if w.busy else "no",
+                      w.detail or "-")
+        console.print(t)
+    if st.decisions:
+        t = Table("at", "action", "reason", "asked", "outcome")
+        for d in st.decisions[-10:]:
+            t.add_row(d.at.isoformat(timespec="seconds"), d.action, d.reason, d.asked or "-", d.outcome or "-")
+        console.print(t)
+
+
+@pools.command("set")
+@click.argument("name")
+@click.option("--runtime", "runtimes", multiple=True, required=True, help="A runtime the pool serves (repeat).")
+@click.option("--model", "models_", multiple=True, help="A model the pool is for (repeat; default: every model).")
+@click.option("--provider", type=click.Choice(["local", "aws"]), default="local", show_default=True)
+@click.option("--setting", "settings_", multiple=True, help="A provider setting KEY=VALUE (repeat).")
+@click.option("--min", "min_workers", type=int, default=0, show_default=True)
+@click.option("--max", "max_workers", type=int, default=4, show_default=True)
+@click.option("--slots", type=int, default=4, show_default=True, help="Concurrent jobs per worker.")
+@click.option("--target-concurrency", type=int, default=None, help="Jobs per worker to aim at (default: slots).")
+@click.option("--buffer", "buffer_workers", type=int, default=0, show_default=True,
+              help="Idle spares kept warm while there is work.")
+@click.option("--scaledown-window", type=float, default=60.0, show_default=True,
+              help="Seconds of surplus before scaling down.")
+@click.option("--description", default="")
+@click.pass_obj
+def pools_set(obj: _Ctx, name: str, runtimes: tuple[str, ...], models_: tuple[str, ...], provider: str,
+              settings_: tuple[str, ...], min_workers: int, max_workers: int, slots: int,
+              target_concurrency: int | None, buffer_workers: int, scaledown_window: float, description: str) -> None:
+    """Create or replace a pool (the acting autoscaler follows within a tick)."""
+    from mnemos.messages import PoolSpec, SetPool, decode
+
+    provider_settings: dict[str, Any] = {}
+    for pair in settings_:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--setting")
+        provider_settings[key] = _parse_value(value)
+    body = {"pool": {"type": "io.mnemos.v1.pool", "name": name, "runtimes": list(runtimes), "models": list(models_),
+                     "provider": provider, "provider_settings": provider_settings, "min_workers": min_workers,
+                     "max_workers": max_workers, "worker_slots": slots, "target_concurrency": target_concurrency,
+                     "buffer_workers": buffer_workers, "scaledown_window_s": scaledown_window,
+                     "description": description}}
+    try:
+        spec: PoolSpec = decode(json.dumps(body), SetPool).pool
+    except MnemosError as e:
+        err_console.print(f"[red]error[/red] [bold]{e.code}[/bold]: {e.message}")
+        sys.exit(_exit_code(e))
+    view = _client_call(obj, lambda c: c.set_pool(spec))
+    if obj.output == "json":
+        click.echo(encode(view).decode())
+    else:
+        console.print(f"pool {view.spec.name} set (revision {view.revision})")
+
+
+@pools.command("rm")
+@click.argument("name")
+@click.pass_obj
+def pools_rm(obj: _Ctx, name: str) -> None:
+    """Remove a pool: the autoscaler drains its workers (idle ones at once, busy ones after their jobs)."""
+    view = _client_call(obj, lambda c: c.delete_pool(name))
+    if obj.output == "json":
+        click.echo(encode(view).decode())
+    else:
+        console.print(f"pool {view.spec.name} removed; its workers drain")
 
 
 @cli.group()

@@ -605,6 +605,9 @@ class ScalingDecision(_Strict):
     asked: str = ""
     #: What came of it.
     outcome: str = ""
+    #: How many times the same decision was made again (one entry for an error repeated
+    #: each round, not one per round); ``at`` is then the latest.
+    repeated: NonNegInt = 0
 
 
 class PoolStatus(_Strict, tag="io.mnemos.v1.pool_status", tag_field="type"):

@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from nats.aio.client import Client as NATS
@@ -162,10 +162,13 @@ class Autoscaler:
                                  zygote=self.settings.local_zygote)
         return make_provider(name, namespace=self.names.prefix)
 
-    def provider(self, name: str) -> Provider:
+    async def provider(self, name: str) -> Provider:
+        """The provider called ``name``, made and prepared (the local zygote started) the
+        first time a pool names it."""
         found = self.providers.get(name)
         if found is None:
             found = self.providers[name] = self._provider_factory(name)
+            await found.prepare()
         return found
 
     async def __aenter__(self) -> Autoscaler:
@@ -186,8 +189,6 @@ class Autoscaler:
         workers_watch = await patiently(self.layout.workers.watchall, "watch the workers bucket")
         self.supervisor.spawn("pools", mirror(pools_watch, PoolSpec, self.specs))
         self.supervisor.spawn("workers", mirror(workers_watch, WorkerRecord, self.records))
-        # The local provider's zygote imports the runtimes now, not at the first cold start.
-        await self.provider("local").prepare()
         self.supervisor.spawn("loop", self._loop())
         log.info("autoscaler %s started (namespace %s)", self.instance_id, self.names.prefix)
 
@@ -313,7 +314,7 @@ class Autoscaler:
 
     async def _scale(self, state: _PoolState, by_priority: dict[int, int]) -> None:
         pool = state.spec
-        provider = self.provider(pool.provider)
+        provider = await self.provider(pool.provider)
         view = await provider.list(pool)
         now = utcnow()
         await self._reconcile(state, provider, view, now)
@@ -495,6 +496,13 @@ class Autoscaler:
 
     def _decide(self, state: _PoolState, action: str, reason: str, *, asked: str = "", outcome: str = "") -> None:
         decision = ScalingDecision(at=utcnow(), action=action, reason=reason, asked=asked, outcome=outcome)
+        last = state.decisions[-1] if state.decisions else None
+        same = (action, reason, asked, outcome)
+        if last is not None and (last.action, last.reason, last.asked, last.outcome) == same:
+            # The same again (a provider error each round): one entry, counted.
+            state.decisions = [*state.decisions[:-1], _replace(decision, repeated=last.repeated + 1)]
+            self.metrics.decisions.labels(state.spec.name, action).inc()
+            return
         state.decisions = [*state.decisions, decision][-self.settings.decisions_kept:]
         self.metrics.decisions.labels(state.spec.name, action).inc()
         log.info("pool %s: %s: %s%s%s", state.spec.name, action, reason, f"; asked: {asked}" if asked else "",
@@ -535,5 +543,8 @@ def _removed(spec: PoolSpec) -> PoolSpec:
     return msgspec.structs.replace(spec, min_workers=0, max_workers=0, buffer_workers=0, scaledown_window_s=0.0)
 
 
-def _replace(worker: PoolWorker, **changes: Any) -> PoolWorker:
-    return msgspec.structs.replace(worker, **changes)
+S = TypeVar("S", PoolWorker, ScalingDecision)
+
+
+def _replace(struct: S, **changes: Any) -> S:
+    return msgspec.structs.replace(struct, **changes)
