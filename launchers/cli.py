@@ -137,17 +137,21 @@ def cli(ctx: click.Context, nats_url: str | None, namespace: str | None, output:
 @click.option("--data-dir", type=click.Path(path_type=Path), default=Path(".mnemos"), show_default=True,
               envvar="MNEMOS_DATA_DIR")
 @click.option("--port", type=int, default=4222, show_default=True, help="Embedded NATS port.")
-@click.option("--workers", type=int, default=1, show_default=True)
+@click.option("--workers", "--min-workers", "workers", type=int, default=1, show_default=True,
+              help="Workers kept running (the local pool's min_workers; 0: scale to zero).")
+@click.option("--max-workers", type=int, default=4, show_default=True, help="The local pool's max_workers.")
 @click.option("--slots", type=int, default=4, show_default=True, help="Concurrent jobs per worker.")
 @click.option("--gateway-port", type=int, default=8080, show_default=True, help="HTTP gateway port (0: none).")
 @click.pass_obj
-def up(obj: _Ctx, data_dir: Path, port: int, workers: int, slots: int, gateway_port: int) -> None:
-    """Run everything locally: embedded NATS, control plane, a worker, the demo model."""
+def up(obj: _Ctx, data_dir: Path, port: int, workers: int, max_workers: int, slots: int, gateway_port: int) -> None:
+    """Run everything locally: embedded NATS, control plane, the autoscaler with local
+    workers, the demo model, the HTTP gateway."""
     from launchers.up import UpOptions, run_up
 
     _setup_logging()
     sys.exit(run_up(UpOptions(data_dir=data_dir, port=port, workers=workers, worker_slots=slots,
-                              namespace=obj.settings.namespace, gateway_port=gateway_port)))
+                              namespace=obj.settings.namespace, gateway_port=gateway_port, autoscale=True,
+                              max_workers=max_workers)))
 
 
 @cli.command("control-plane")

@@ -2,9 +2,15 @@
 
 Starts an embedded nats-server (JetStream on disk under the data directory), registers
 the demo model and functions through the registry (once: a second ``up`` reuses the data
-directory), then runs the control plane, a worker and the HTTP gateway as child processes,
-each in its own session so that Ctrl-C reaches only this supervisor, which stops them in
-order: gateway -> workers (drain) -> control plane -> nats-server.
+directory), writes the autoscaler pool ``local`` (every runtime a local worker runs,
+``min_workers``..``max_workers`` from the options), then runs the control plane, the
+autoscaler (``local`` provider: workers forked from a pre-started zygote) and the HTTP
+gateway as child processes, each in its own session so that Ctrl-C reaches only this
+supervisor, which stops them in order: gateway -> autoscaler -> workers (drain) ->
+control plane -> nats-server.
+
+``autoscale=False`` (the benchmarks and chaos runs) runs a fixed set of worker processes
+instead, restarted when they exit.
 """
 
 from __future__ import annotations
@@ -37,6 +43,10 @@ class UpOptions:
     namespace: str = "mnemos"
     #: HTTP gateway port on 127.0.0.1; 0: no gateway.
     gateway_port: int = 8080
+    #: Workers from the autoscaler's pool ``local`` (``workers`` is its ``min_workers``),
+    #: rather than ``workers`` fixed processes.
+    autoscale: bool = False
+    max_workers: int = 4
     extra_env: dict[str, str] = field(default_factory=dict)
 
 
@@ -115,6 +125,37 @@ async def ensure_demo(settings: NatsSettings, data_dir: Path) -> list[str]:
         await nc.drain()
 
 
+#: The pool ``mnemos up`` runs: every runtime a local CPU worker serves (vLLM needs a GPU
+#: and its own pool).
+LOCAL_POOL = "local"
+LOCAL_RUNTIMES = ["transformers", "pytorch", "python"]
+
+
+async def ensure_local_pool(settings: NatsSettings, options: UpOptions) -> None:
+    """Write the pool ``local`` with this run's bounds and slots (other settings an operator
+    changed with ``mnemos pools set`` are kept)."""
+    import msgspec
+
+    from mnemos.connection import connect
+    from mnemos.layout import ensure_layout
+    from mnemos.messages import PoolSpec, decode, encode
+
+    nc = await connect(settings, "mnemos-up")
+    try:
+        layout = await ensure_layout(nc.jetstream(), settings.names)
+        try:
+            pool = decode((await layout.pools.get(LOCAL_POOL)).value or b"", PoolSpec)
+        except Exception:  # noqa: BLE001 - absent (or unreadable): written afresh
+            pool = PoolSpec(name=LOCAL_POOL, runtimes=list(LOCAL_RUNTIMES), provider="local",
+                            description="mnemos up: worker processes on this machine")
+        pool = msgspec.structs.replace(pool, min_workers=options.workers,
+                                       max_workers=max(options.workers, options.max_workers),
+                                       worker_slots=options.worker_slots)
+        await layout.pools.put(LOCAL_POOL, encode(pool))
+    finally:
+        await nc.drain()
+
+
 async def _wait_ready(settings: NatsSettings, workers: int, timeout: float = 120.0) -> list[str]:
     from mnemos.client import Client
     from mnemos.errors import MnemosError
@@ -177,9 +218,15 @@ class LocalStack:
         mnemos = [sys.executable, "-m", "launchers"]
         self.children = [_Child("control-plane", [*mnemos, "control-plane"], child_env("control-plane", env),
                                 self.logs / "control-plane.log")]
+        self.autoscaler_state = self.data_dir / "autoscaler"
+        if options.autoscale:
+            scaler_env = {**child_env("autoscaler", env, passthrough),
+                          "MNEMOS_AUTOSCALER_STATE_DIR": str(self.autoscaler_state)}
+            self.children.append(_Child("autoscaler", [*mnemos, "autoscaler"], scaler_env,
+                                        self.logs / "autoscaler.log"))
         worker_env = child_env("worker", env, passthrough)
         worker_metrics = int(env.get("MNEMOS_WORKER_METRICS_PORT", "9092"))
-        for i in range(options.workers):
+        for i in range(0 if options.autoscale else options.workers):
             # One metrics port each (9092, 9093, ...); 0 (any free port) and -1 (off) as given.
             port = worker_metrics + i if worker_metrics > 0 else worker_metrics
             self.children.append(_Child(f"worker-{i}", [*mnemos, "worker"],
@@ -200,6 +247,8 @@ class LocalStack:
         self.logs.mkdir(parents=True, exist_ok=True)
         self.nats.start()
         self.models = asyncio.run(ensure_demo(self.settings, self.data_dir))
+        if self.options.autoscale:
+            asyncio.run(ensure_local_pool(self.settings, self.options))
         for child in self.children:
             child.start()
         self.workers = asyncio.run(_wait_ready(self.settings, self.options.workers))
@@ -218,9 +267,14 @@ class LocalStack:
                 child.start()
 
     def stop(self) -> None:
-        """Workers first (they drain), then the control plane, then nats-server."""
+        """Gateway, then the autoscaler, then the workers (they drain), then the control
+        plane, then nats-server."""
+        from control_plane.autoscaler.providers.local import stop_local_workers
+
         for child in reversed(self.children):
             child.stop(timeout=90.0 if child.name.startswith("worker") else 20.0)
+            if child.name == "autoscaler":
+                stop_local_workers(self.autoscaler_state / self.options.namespace, timeout=90.0)
         self.nats.stop()
 
     def __enter__(self) -> "LocalStack":
@@ -248,7 +302,8 @@ def run_up(options: UpOptions) -> int:
     code = 0
     try:
         stack.start()
-        print(_banner(stack.nats.url, stack.data_dir, stack.workers, stack.models, stack.gateway_url), flush=True)
+        print(_banner(stack.nats.url, stack.data_dir, stack.workers, stack.models, stack.gateway_url,
+                      options if options.autoscale else None), flush=True)
         while not stop["flag"]:
             stack.supervise_once()
             time.sleep(0.2)
@@ -262,7 +317,8 @@ def run_up(options: UpOptions) -> int:
     return code
 
 
-def _banner(url: str, data_dir: Path, workers: list[str], models: list[str], gateway: str | None) -> str:
+def _banner(url: str, data_dir: Path, workers: list[str], models: list[str], gateway: str | None,
+            autoscale: UpOptions | None = None) -> str:
     http = [] if gateway is None else [
         f"  HTTP gateway: {gateway} (OpenAPI: {gateway}/docs, metrics: {gateway}/metrics)",
     ]
@@ -275,6 +331,9 @@ def _banner(url: str, data_dir: Path, workers: list[str], models: list[str], gat
         f"MNEMOS is up. NATS {url} (JetStream data in {data_dir / 'nats'}), logs in {data_dir / 'logs'}",
         "  control plane: nats micro service 'mnemos-control-plane' on mnemos.api.*",
         *http,
+        *([] if autoscale is None else [
+            f"  autoscaler: pool '{LOCAL_POOL}' of local workers, {autoscale.workers} to {autoscale.max_workers} "
+            f"(`mnemos pools get {LOCAL_POOL}` says what it does and why)"]),
         *[f"  worker: {w}" for w in workers],
         f"  models: {', '.join(models)}",
         "",

@@ -32,6 +32,7 @@ T = TypeVar("T")
 # port the OS picks, so tests, and test runs side by side, never compete for 9091/9092.
 os.environ["MNEMOS_CP_METRICS_PORT"] = "0"
 os.environ["MNEMOS_WORKER_METRICS_PORT"] = "0"
+os.environ["MNEMOS_AUTOSCALER_METRICS_PORT"] = "0"
 
 
 async def assert_eventually(

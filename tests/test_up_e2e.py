@@ -101,6 +101,14 @@ def _scenario(tmp_path: Path) -> None:
         workers = json.loads(_mnemos(port, "-o", "json", "workers", "ls").stdout)
         assert len(workers) == 1 and "transformers" in workers[0]["runtimes"]
         assert "demo-gpt2:v1" in workers[0]["loaded_models"]
+        assert workers[0]["tags"]["pool"] == "local"  # started by the autoscaler's local provider
+
+        # The autoscaler's pool, as `mnemos pools get local` shows it.
+        pool = json.loads(_mnemos(port, "-o", "json", "pools", "get", "local").stdout)
+        assert pool["spec"]["min_workers"] == 1 and pool["spec"]["max_workers"] == 4
+        assert pool["status"]["ready"] == 1 and pool["status"]["decisions"][0]["action"] == "scale_up"
+        shown = _mnemos(port, "pools", "get", "local")
+        assert shown.returncode == 0 and "scale_up" in shown.stdout, shown.stdout + shown.stderr
 
         # The gateway that `up` started: the banner's curl example, and a job submitted over HTTP.
         completion = _http_json(f"{gateway}/v1/completions",
@@ -112,6 +120,7 @@ def _scenario(tmp_path: Path) -> None:
         out = _stop_up(proc)
     assert "stopped." in out
     assert _port_closed(port) and _port_closed(http_port)
+    assert not list((tmp_path / "autoscaler").glob("*/*/*.json")), "a local worker outlived `up`"
 
     # A second `up` on the same data directory: the earlier job is still there.
     proc = _start_up(tmp_path, port, http_port)

@@ -20,6 +20,10 @@ class GatewaySettings(BaseSettings):
     api_keys: str | None = None
     #: A JSON object ``{"<key>": "<tenant>", ...}`` (mode 0600 recommended).
     api_keys_file: Path | None = None
+    #: Tenants (of API keys) that act as the operator: they may manage the autoscaler's
+    #: pools (``/v1/pools``). Comma-separated. Without API keys (loopback) every caller is
+    #: the operator.
+    operator_tenants: str = ""
     #: Largest request body accepted; bigger ones get 413 ``payload_too_large``.
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
     #: Upper bound of ``POST /v1/jobs?wait=SECONDS``.

@@ -13,10 +13,10 @@ from control_plane.gateway.auth import ApiKeys
 from control_plane.gateway.config import GatewaySettings
 from control_plane.gateway.metrics import GatewayMetrics
 from mnemos.client import Client
-from mnemos.errors import NotConnected
+from mnemos.errors import Forbidden, NotConnected
 from mnemos.tasks import Supervisor
 
-__all__ = ["GatewayState", "gateway_state", "tenant_client"]
+__all__ = ["GatewayState", "gateway_state", "tenant_client", "operator_client"]
 
 
 _bearer = HTTPBearer(auto_error=False, description="An API key (when the gateway has keys configured)")
@@ -60,3 +60,20 @@ async def tenant_client(
     if state.client is None:
         raise NotConnected("the gateway is not connected to NATS")
     return state.client.for_tenant(tenant)
+
+
+async def operator_client(
+    request: Request,
+    credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+) -> Client:
+    """The NATS client acting as the operator (no tenant): for a key whose tenant is in
+    ``MNEMOS_GATEWAY_OPERATOR_TENANTS``, or anyone on a gateway without keys (loopback).
+    Another tenant's key gets 403 ``forbidden``; none, 401."""
+    state = gateway_state(request)
+    tenant = state.keys.tenant(credentials.credentials if credentials is not None else None)
+    operators = {t.strip() for t in state.settings.operator_tenants.split(",") if t.strip()}
+    if tenant is not None and tenant not in operators:
+        raise Forbidden(f"tenant {tenant!r} is not an operator (MNEMOS_GATEWAY_OPERATOR_TENANTS)")
+    if state.client is None:
+        raise NotConnected("the gateway is not connected to NATS")
+    return state.client

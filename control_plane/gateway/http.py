@@ -27,6 +27,9 @@ from mnemos.messages import (
     JobRecord,
     JobSpec,
     ModelRecord,
+    PoolList,
+    PoolSpec,
+    PoolView,
     ResultChunk,
     ResultFinal,
     ResultStatus,
@@ -53,6 +56,7 @@ log = logging.getLogger("mnemos.gateway")
 #: Messages whose msgspec schemas become OpenAPI components.
 _SCHEMA_TYPES: tuple[type[Any], ...] = (
     JobSpec, JobRecord, JobList, WorkerList, ModelRecord, ErrorReply, ResultChunk, ResultFinal, ResultStatus,
+    PoolSpec, PoolView, PoolList,
 )
 _REF = "#/components/schemas/{name}"
 
@@ -86,9 +90,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, text in {
         400: "Malformed JSON (`invalid_json`)",
         401: "Missing or unknown API key (`unauthorized`)",
-        403: "A job that tries to choose the code it runs (`override_refused`)",
-        404: "Not found (`job_not_found`, `model_not_found`, `unknown_model`, `unknown_function`); "
-             "also another tenant's job",
+        403: "A job that tries to choose the code it runs (`override_refused`); a tenant that is not an "
+             "operator managing pools (`forbidden`)",
+        404: "Not found (`job_not_found`, `model_not_found`, `unknown_model`, `unknown_function`, "
+             "`pool_not_found`); also another tenant's job",
+        409: "Conflict (`conflict`: e.g. a pool that would serve what another pool serves)",
         413: "Request body too large (`payload_too_large`)",
         415: "The body is not sent as `application/json` (`unsupported_media_type`)",
         422: "Validation failed (`validation_error`, `unknown_runtime`)",
