@@ -28,6 +28,7 @@ from pathlib import Path
 from mnemos.config import NatsSettings
 from mnemos.embedded import EmbeddedNats, die_with_parent
 from mnemos.environment import child_env, passthrough_names
+from mnemos.messages import Runtime
 
 __all__ = ["UpOptions", "LocalStack", "run_up", "ensure_demo", "child_env"]
 
@@ -128,7 +129,7 @@ async def ensure_demo(settings: NatsSettings, data_dir: Path) -> list[str]:
 #: The pool ``mnemos up`` runs: every runtime a local CPU worker serves (vLLM needs a GPU
 #: and its own pool).
 LOCAL_POOL = "local"
-LOCAL_RUNTIMES = ["transformers", "pytorch", "python"]
+LOCAL_RUNTIMES: list[Runtime] = ["transformers", "pytorch", "python"]
 
 
 async def ensure_local_pool(settings: NatsSettings, options: UpOptions) -> None:

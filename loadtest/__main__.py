@@ -1,4 +1,5 @@
-"""``python -m loadtest bench noop|stream|http`` (see loadtest/bench.py and docs/benchmarks.md)."""
+"""``python -m loadtest bench noop|stream|http|coldstart|burst`` and ``python -m loadtest chaos``
+(see loadtest/bench.py, loadtest/autoscale_bench.py and docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 from loadtest.bench import NoopOptions, StreamOptions, bench_noop, bench_stream, local_stack
 from mnemos.config import NatsSettings
@@ -51,6 +53,23 @@ def main(argv: list[str] | None = None) -> int:
         else:
             k.add_argument("--runs", type=int, default=10)
             k.add_argument("--max-tokens", type=int, default=200)
+    cold = kinds.add_parser("coldstart", help="zero workers, one job for the demo model: time to first token")
+    cold.add_argument("--runs", type=int, default=3)
+    cold.add_argument("--no-zygote", action="store_true", help="a fresh process per worker (to compare)")
+    cold.add_argument("--json", action="store_true")
+    burst = kinds.add_parser("burst", help="a step load up and down on the local provider, with a plot")
+    burst.add_argument("--steps", type=int, default=5)
+    burst.add_argument("--high", type=float, default=8.0, help="seconds each step is up")
+    burst.add_argument("--low", type=float, default=7.0, help="quiet seconds after each step")
+    burst.add_argument("--rate", type=float, default=24.0, help="submissions per second while up")
+    burst.add_argument("--job-seconds", type=float, default=0.25)
+    burst.add_argument("--max-workers", type=int, default=4)
+    burst.add_argument("--slots", type=int, default=2, help="concurrent jobs per worker")
+    burst.add_argument("--window", type=float, default=3.0, help="the pool's scale-down window (s)")
+    burst.add_argument("--kill-autoscaler", action="store_true",
+                       help="run a standby autoscaler and SIGKILL the acting one mid-burst")
+    burst.add_argument("--out", type=Path, default=Path("burst"), help="writes OUT.json and OUT.png")
+    burst.add_argument("--json", action="store_true")
     chaos = sub.add_parser("chaos", help="jobs under faults: lost / duplicated summary")
     chaos.add_argument("--jobs", type=int, default=5000)
     chaos.add_argument("--workers", type=int, default=3)
@@ -80,7 +99,23 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             print(json.dumps({k: v for k, v in vars(res).items() if k != "latencies_ms"}))
         return 0 if res.clean else 1
-    if args.kind == "http":
+    if args.kind in ("coldstart", "burst"):
+        from loadtest.autoscale_bench import BurstOptions, ColdstartOptions, bench_burst, bench_coldstart
+
+        if args.kind == "coldstart":
+            env = {"MNEMOS_AUTOSCALER_LOCAL_ZYGOTE": "false"} if args.no_zygote else {}
+            print(f"starting a local stack with the autoscaler at zero workers "
+                  f"({'fresh processes' if args.no_zygote else 'zygote'}) ...", flush=True)
+            with local_stack(workers=0, slots=4, autoscale=True, max_workers=1, env=env) as stack:
+                result = asyncio.run(bench_coldstart(stack.settings, ColdstartOptions(runs=args.runs)))
+        else:
+            burst_options = BurstOptions(steps=args.steps, high_s=args.high, low_s=args.low, rate=args.rate,
+                                   job_s=args.job_seconds, max_workers=args.max_workers, slots=args.slots,
+                                   window_s=args.window, kill_autoscaler=args.kill_autoscaler, out=args.out)
+            print("starting a local stack with the autoscaler at zero workers ...", flush=True)
+            with local_stack(workers=0, slots=args.slots, autoscale=True, max_workers=args.max_workers) as stack:
+                result = asyncio.run(bench_burst(stack.settings, stack, burst_options))
+    elif args.kind == "http":
         from loadtest.http_bench import HttpOptions, bench_http
 
         options = HttpOptions(jobs=args.jobs, window=args.window, roundtrips=args.roundtrips)

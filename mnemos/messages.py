@@ -66,6 +66,7 @@ __all__ = [
     "PoolName",
     "PoolSpec",
     "PoolWorker",
+    "DesiredPoint",
     "ScalingDecision",
     "PoolStatus",
     "PoolView",
@@ -586,8 +587,11 @@ class PoolWorker(_Strict):
     #: is then stopped by the provider).
     state: Literal["starting", "ready", "draining"]
     since: datetime
+    #: When the provider was asked for it.
     started_at: datetime | None = None
-    #: Seconds from the provider's start to the worker's registration.
+    #: Seconds the provider's ``start`` call took (a local fork; an API call for a cloud).
+    provider_start_s: float | None = None
+    #: Seconds from asking the provider to the worker's registration.
     provisioning_s: float | None = None
     busy: bool = False
     detail: str = ""
@@ -610,6 +614,13 @@ class ScalingDecision(_Strict):
     repeated: NonNegInt = 0
 
 
+class DesiredPoint(_Strict):
+    """From ``at`` on, the pool's work needed ``desired`` workers (until the next point)."""
+
+    at: datetime
+    desired: NonNegInt
+
+
 class PoolStatus(_Strict, tag="io.mnemos.v1.pool_status", tag_field="type"):
     """What the acting autoscaler last saw and did for one pool
     (``nats kv get mnemos_autoscaler status.NAME``)."""
@@ -629,9 +640,13 @@ class PoolStatus(_Strict, tag="io.mnemos.v1.pool_status", tag_field="type"):
     per_worker: PositiveInt = 1
     #: The pool is at ``max_workers`` with work waiting (visible, never silent).
     at_max: bool = False
-    #: Surplus since (the scale-down window's start) and the most workers needed since.
-    surplus_since: datetime | None = None
-    surplus_peak: NonNegInt = 0
+    #: What the work needs now (``desired`` stays above it while the scale-down window
+    #: still remembers more).
+    need: NonNegInt = 0
+    #: Since when an autoscaler has watched the pool without a gap, and the need's change
+    #: points over the last scale-down window: a new leader goes on with the same window.
+    watching_since: datetime | None = None
+    need_history: list[DesiredPoint] = field(default_factory=list)
     workers: list[PoolWorker] = field(default_factory=list)
     #: The latest decisions, newest last.
     decisions: list[ScalingDecision] = field(default_factory=list)

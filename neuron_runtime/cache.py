@@ -3,13 +3,19 @@
 Layout under ``root``::
 
     <family>/<version>-<digest12>/      a complete model (has ``.mnemos-complete``)
-    .partial/                           downloads in progress and directories being evicted
+    .partial/<pid>-<token>/             this process's downloads in progress and directories
+                                        being evicted
 
 ``digest12`` is a hash of the record's ``(path, sha256)`` list, so a force-pushed version
 with other bytes lands in another directory. A model is downloaded into ``.partial``,
 every file's size and sha256 is checked against the record, the marker is written and only
 then is the directory renamed into place: a half-written or corrupt model is never served,
 and a crash leaves only ``.partial`` garbage, removed at the next start.
+
+Several workers on one machine may share ``root`` (``mnemos up``'s local workers do): each
+downloads under its own ``.partial/<pid>-<token>``, a start removes only the leftovers of
+processes that are gone, and a model another worker has put in place while this one was
+downloading it is taken as it is (this copy is dropped).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from types import TracebackType
 from typing import Self
 
 import msgspec
+import psutil
 
 from mnemos.errors import ArtifactError
 from mnemos.messages import ArtifactLocation, ModelFile, ModelRecord
@@ -123,6 +130,8 @@ class DiskCache:
         if budget_bytes <= 0:
             raise ValueError("budget_bytes must be positive")
         self.root = Path(root)
+        #: This process's own part of ``.partial`` (workers may share ``root``).
+        self._scratch = self.root / PARTIAL / f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.budget_bytes = budget_bytes
         self._stores = StoreClients(open_store)
         self._slots: dict[str, _Slot] = {}
@@ -151,8 +160,10 @@ class DiskCache:
         )
 
     async def stop(self) -> None:
-        """Close store clients (idempotent). Directories stay for the next start."""
+        """Close store clients and remove this process's scratch space (idempotent). Model
+        directories stay for the next start."""
         await self._stores.close()
+        await asyncio.to_thread(shutil.rmtree, self._scratch, ignore_errors=True)
         self._started = False
 
     async def __aenter__(self) -> Self:
@@ -166,9 +177,13 @@ class DiskCache:
 
     def _recover(self) -> None:
         partial = self.root / PARTIAL
-        if partial.exists():
-            shutil.rmtree(partial)
         partial.mkdir(parents=True, exist_ok=True)
+        for leftover in partial.iterdir():  # another live worker's downloads are not garbage
+            pid = leftover.name.split("-", 1)[0]
+            if leftover.name == self._scratch.name or (pid.isdigit() and psutil.pid_exists(int(pid))):
+                continue
+            shutil.rmtree(leftover, ignore_errors=True)
+        self._scratch.mkdir(parents=True, exist_ok=True)
         self._slots.clear()
         found: list[tuple[float, Path, _Marker]] = []
         for family_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -261,7 +276,7 @@ class DiskCache:
 
     async def _download(self, record: ModelRecord, final: Path) -> None:
         """Fetch and verify every file into ``.partial``, then rename the directory into place."""
-        tmp = self.root / PARTIAL / f"{record.family}-{record.version}-{uuid.uuid4().hex[:8]}"
+        tmp = self._scratch / f"{record.family}-{record.version}-{uuid.uuid4().hex[:8]}"
         store = self._store(record.artifact)
         files = [(f, _safe_relpath(f.path)) for f in record.files]
         gate = asyncio.Semaphore(_DOWNLOAD_CONCURRENCY)
@@ -300,15 +315,22 @@ class DiskCache:
         (tmp / MARKER).write_bytes(marker)
         final.parent.mkdir(parents=True, exist_ok=True)
         stale = None
+        if (final / MARKER).exists():  # another worker sharing the cache put it in place first
+            return self._discard(tmp)
         if final.exists():  # a directory without a marker: never ours to serve
             stale = self._discard(final)
-        os.rename(tmp, final)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / MARKER).exists():
+                raise
+            return self._discard(tmp)  # the other worker won the race between check and rename
         return stale
 
     # -- eviction ----------------------------------------------------------------------
     def _discard(self, path: Path) -> Path:
         """Move ``path`` into ``.partial`` at once (so its name is free again); return the new path."""
-        trash = self.root / PARTIAL / f"evict-{uuid.uuid4().hex[:12]}"
+        trash = self._scratch / f"evict-{uuid.uuid4().hex[:12]}"
         os.rename(path, trash)
         return trash
 

@@ -206,29 +206,37 @@ async def _ready(layout: Layout, n: int) -> bool:
     return st is not None and st.ready == n
 
 
-def test_policy_scales_up_at_once_and_down_after_the_window() -> None:
+def test_policy_scales_up_at_once_and_down_to_what_the_window_needed() -> None:
     from datetime import UTC, datetime, timedelta
 
     from control_plane.autoscaler.policy import plan
 
     pool = _pool(max_workers=10, buffer_workers=1, scaledown_window_s=60)
     t0 = datetime(2026, 1, 1, tzinfo=UTC)
-    up = plan(pool, demand=7, per_worker=2, current=0, now=t0, surplus_since=None, surplus_peak=0)
-    assert (up.desired, up.change) == (5, 5)  # ceil(7/2) + 1 buffer
-    idle = plan(pool, demand=0, per_worker=2, current=0, now=t0, surplus_since=None, surplus_peak=0)
-    assert (idle.desired, idle.change) == (0, 0)  # no buffer without work: scale to zero
-    capped = plan(pool, demand=100, per_worker=2, current=10, now=t0, surplus_since=None, surplus_peak=0)
-    assert capped.at_max and capped.change == 0
-    dip = plan(pool, demand=2, per_worker=2, current=5, now=t0, surplus_since=None, surplus_peak=0)
-    assert dip.change == 0 and dip.surplus_since == t0
-    later = plan(pool, demand=8, per_worker=2, current=5, now=t0 + timedelta(seconds=30),
-                 surplus_since=dip.surplus_since, surplus_peak=dip.surplus_peak)
-    assert later.change == 0 and later.surplus_since is None  # 8 jobs need 4 + 1 buffer = 5: no surplus
-    dip2 = plan(pool, demand=2, per_worker=2, current=5, now=t0, surplus_since=None, surplus_peak=0)
-    mid = plan(pool, demand=4, per_worker=2, current=5, now=t0 + timedelta(seconds=30),
-               surplus_since=dip2.surplus_since, surplus_peak=dip2.surplus_peak)
-    assert mid.change == 0 and mid.surplus_peak == 3
-    end = plan(pool, demand=0, per_worker=2, current=5, now=t0 + timedelta(seconds=61),
-               surplus_since=mid.surplus_since, surplus_peak=mid.surplus_peak)
-    assert end.change == -2 and end.desired == 3  # down to the most the window needed
+    since = t0 - timedelta(hours=1)
+
+    def at(s: float, demand: int, current: int, history: list[Any], watching: datetime = since) -> Any:
+        return plan(pool, demand=demand, per_worker=2, current=current, now=t0 + timedelta(seconds=s),
+                    history=history, watching_since=watching)
+
+    up = at(0, 7, 0, [])
+    assert (up.desired, up.change) == (5, 5)  # ceil(7/2) + 1 buffer, at once
+    assert (at(0, 0, 0, []).desired, at(0, 0, 0, []).change) == (0, 0)  # no buffer without work: zero
+    capped = at(0, 100, 10, [])
+    assert capped.at_max and capped.change == 0 and capped.desired == 10
+    busy = at(0, 8, 5, [])  # 8 jobs: 4 + 1 buffer = 5
+    dip = at(10, 2, 5, busy.history)  # needs 2 now, but the window remembers 5
+    assert dip.change == 0 and dip.desired == 5 and dip.need == 2
+    mid = at(40, 4, 5, dip.history)  # needs 3
+    assert mid.change == 0
+    down = at(70, 0, 5, mid.history)  # 60 s after the last need of 5: the window's most is 3
+    assert (down.change, down.desired) == (-2, 3), down.reason
+    assert at(101, 0, 3, down.history).change == 0  # the need of 3 held until 70 s
+    zero = at(131, 0, 3, down.history)  # 61 s after it ended
+    assert (zero.change, zero.desired) == (-3, 0), zero.reason
+    fresh = at(30, 0, 3, [], watching=t0)  # a new pool: it waits a whole window first
+    assert fresh.change == 0 and "watched" in fresh.reason
+    removed = plan(_pool(max_workers=0, scaledown_window_s=0), demand=5, per_worker=2, current=2, now=t0,
+                   history=busy.history, watching_since=since)
+    assert removed.change == -2  # a removed pool: no window to wait
     assert msgspec.json.encode(pool)  # the spec stays a plain message

@@ -48,7 +48,12 @@ def same_files(record: ModelRecord, path: Path, src: Path) -> bool:
 
 
 def partial_contents(root: Path) -> list[Path]:
-    return list((root / ".partial").iterdir())
+    """What ``.partial`` holds besides the (empty) scratch directories of live caches."""
+    out: list[Path] = []
+    for entry in (root / ".partial").iterdir():
+        is_scratch = entry.is_dir() and entry.name.split("-", 1)[0].isdigit()
+        out.extend(entry.iterdir() if is_scratch else [entry])
+    return out
 
 
 async def test_miss_then_hit(registry: Registry, stores: Callable[[ArtifactLocation], ArtifactStore],
@@ -217,3 +222,30 @@ async def test_unsafe_paths_in_a_record_are_refused(
         async with cache.checkout(bad):
             pytest.fail("served a record with an unsafe path")
     assert not (tmp_path / "escape.txt").exists()
+
+
+async def test_workers_sharing_a_cache_directory_do_not_break_each_other(
+    registry: Registry, stores: Callable[[ArtifactLocation], ArtifactStore], tmp_path: Path
+) -> None:
+    """Local workers of one machine share the cache (``mnemos up``): a worker starting while
+    another downloads leaves that download alone, and two downloading the same model at
+    once both get it (one copy stays)."""
+    record = await push(registry, tmp_path, "shared")
+    root = tmp_path / "cache"
+    async with DiskCache(root, 10_000, stores) as first, DiskCache(root, 10_000, stores) as second:
+        async with asyncio.TaskGroup() as tg:
+            a = tg.create_task(_checkout_path(first, record))
+            b = tg.create_task(_checkout_path(second, record))
+            # A third worker starting meanwhile cleans only what dead processes left.
+            third = DiskCache(root, 10_000, stores)
+            tg.create_task(third.start())
+        assert a.result() == b.result() == root / "shared" / f"1-{content_digest(record)}"
+        assert same_files(record, a.result(), tmp_path / "src" / "shared")
+        await third.stop()
+    assert partial_contents(root) == []
+
+
+async def _checkout_path(cache: DiskCache, record: ModelRecord) -> Path:
+    async with cache.checkout(record) as entry:
+        assert (entry.path / MARKER).exists()
+        return entry.path

@@ -20,7 +20,7 @@ class AutoscalerSettings(BaseSettings):
     tick_s: float = Field(default=0.2, gt=0, le=10)
     #: The leader lease: it expires this long after its last renewal (a standby takes over
     #: then), and is renewed every ``lease_renew_s``.
-    lease_ttl_s: float = Field(default=4.0, ge=1.0, le=300)
+    lease_ttl_s: float = Field(default=3.0, ge=1.0, le=300)
     lease_renew_s: float = Field(default=1.0, gt=0)
     #: Where the ``local`` provider keeps track of the worker processes it started (shared
     #: by every autoscaler on this machine, so one that takes over finds them).

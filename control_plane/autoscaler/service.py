@@ -50,6 +50,7 @@ from mnemos.errors import MnemosError, ValidationFailed
 from mnemos.kvscan import mirror
 from mnemos.layout import Layout, ensure_layout
 from mnemos.messages import (
+    DesiredPoint,
     PoolSpec,
     PoolStatus,
     PoolWorker,
@@ -111,8 +112,8 @@ class _PoolState:
 
     spec: PoolSpec
     workers: dict[str, PoolWorker] = field(default_factory=dict)
-    surplus_since: datetime | None = None
-    surplus_peak: int = 0
+    watching_since: datetime = field(default_factory=utcnow)
+    history: list[DesiredPoint] = field(default_factory=list)
     decisions: list[ScalingDecision] = field(default_factory=list)
     at_max: bool = False
     removed: bool = False
@@ -264,7 +265,10 @@ class Autoscaler:
             state = _PoolState(spec=spec or PoolSpec(name=status.pool, runtimes=["python"], max_workers=0),
                                removed=spec is None)
             state.workers = {w.worker_id: w for w in status.workers}
-            state.surplus_since, state.surplus_peak = status.surplus_since, status.surplus_peak
+            # The window goes on where the last leader left it, unless that was long ago.
+            if status.watching_since is not None and (utcnow() - status.updated_at).total_seconds() < 10:
+                state.watching_since = status.watching_since
+            state.history = list(status.need_history)
             state.decisions = list(status.decisions)
             state.at_max = status.at_max
             self.pools[status.pool] = state
@@ -328,9 +332,9 @@ class Autoscaler:
         messages = sum(by_priority.values())
         demand = max(messages, running)
         current = len(ready) + len(starting) + view.pending
-        p = plan(pool, demand=demand, per_worker=per_worker, current=current, now=now,
-                 surplus_since=state.surplus_since, surplus_peak=state.surplus_peak)
-        state.surplus_since, state.surplus_peak = p.surplus_since, p.surplus_peak
+        p = plan(pool, demand=demand, per_worker=per_worker, current=current, now=now, history=state.history,
+                 watching_since=state.watching_since)
+        state.history = p.history
         if p.at_max and not state.at_max:
             self._decide(state, "at_max", f"{p.reason}; {demand} job(s) need more than max_workers "
                                           f"{pool.max_workers}: work waits")
@@ -338,9 +342,7 @@ class Autoscaler:
         if p.change > 0:
             await self._grow(state, provider, p.change, p.reason)
         elif p.change < 0:
-            drained = await self._shrink(state, ready, -p.change, p.reason)
-            if drained:
-                state.surplus_since, state.surplus_peak = None, 0
+            await self._shrink(state, ready, -p.change, p.reason)
         busy = {w.worker_id for w in state.workers.values() if w.state == "ready" and w.busy}
         idle = {w.worker_id for w in state.workers.values() if w.state == "ready" and not w.busy}
         await provider.protect(pool, busy, idle)
@@ -351,7 +353,7 @@ class Autoscaler:
             draining=counts.count("draining"),
             messages_by_priority={str(k): v for k, v in sorted(by_priority.items(), reverse=True)},
             messages=messages, running=running, per_worker=per_worker, at_max=state.at_max,
-            surplus_since=state.surplus_since, surplus_peak=state.surplus_peak,
+            need=p.need, watching_since=state.watching_since, need_history=state.history,
             workers=sorted(state.workers.values(), key=lambda w: w.worker_id),
             decisions=state.decisions,
         )
@@ -407,9 +409,8 @@ class Autoscaler:
                 started = tracked.started_at or tracked.since
                 provisioning = max(0.0, (record.registered_at - started).total_seconds())
                 self.metrics.provisioning.labels(pool.name, pool.provider).observe(provisioning)
-                state.workers[tracked.worker_id] = PoolWorker(
-                    worker_id=tracked.worker_id, state="ready", since=now, started_at=tracked.started_at,
-                    provisioning_s=round(provisioning, 3), busy=busy)
+                state.workers[tracked.worker_id] = _replace(
+                    tracked, state="ready", since=now, provisioning_s=round(provisioning, 3), busy=busy)
             elif tracked.state == "ready" and tracked.busy != busy:
                 state.workers[tracked.worker_id] = _replace(tracked, busy=busy)
             return
@@ -438,14 +439,16 @@ class Autoscaler:
     async def _grow(self, state: _PoolState, provider: Provider, count: int, reason: str) -> None:
         pool = state.spec
         asked = f"start {count} worker(s) ({pool.provider})"
+        asked_at, began = utcnow(), time.perf_counter()
         try:
             ids = await provider.start(WorkerLaunch(pool=pool, env=worker_launch_env(pool, self.nats_settings)), count)
         except ProviderError as e:
             self._decide(state, "scale_up", reason, asked=asked, outcome=f"failed: {e}")
             return
-        now = utcnow()
+        took = round(time.perf_counter() - began, 4)
         for worker_id in ids:
-            state.workers[worker_id] = PoolWorker(worker_id=worker_id, state="starting", since=now, started_at=now)
+            state.workers[worker_id] = PoolWorker(worker_id=worker_id, state="starting", since=utcnow(),
+                                                  started_at=asked_at, provider_start_s=took)
         self._decide(state, "scale_up", reason, asked=asked,
                      outcome=f"started {', '.join(ids)}" if ids else "asked; instances appear as they launch")
         # Written at once: a leader that dies now leaves its successor the workers it asked for.
