@@ -17,7 +17,7 @@ from nats.js.kv import KeyValue
 
 from mnemos.catalog import ModelCatalog
 from mnemos.connection import patiently
-from mnemos.errors import Conflict, ModelNotFound, PoolNotFound, ValidationFailed
+from mnemos.errors import Conflict, PoolNotFound, ValidationFailed
 from mnemos.kvscan import mirror
 from mnemos.messages import PoolList, PoolSpec, PoolStatus, PoolView, decode, encode
 from mnemos.names import Names
@@ -61,7 +61,7 @@ class PoolDirectory:
         return PoolView(spec=spec, status=self.statuses.get(name), revision=entry.revision or 0)
 
     async def set(self, spec: PoolSpec) -> PoolView:
-        spec = self.validate(spec)
+        spec = await self.validate(spec)
         revision = await self.pools_kv.put(spec.name, encode(spec))
         self.specs[spec.name] = spec
         return PoolView(spec=spec, status=self.statuses.get(spec.name), revision=revision)
@@ -72,7 +72,7 @@ class PoolDirectory:
         self.specs.pop(name, None)
         return view
 
-    def validate(self, spec: PoolSpec) -> PoolSpec:
+    async def validate(self, spec: PoolSpec) -> PoolSpec:
         """``spec`` with its models named canonically, or why it cannot be stored."""
         if spec.min_workers > spec.max_workers:
             raise ValidationFailed(f"min_workers ({spec.min_workers}) is above max_workers ({spec.max_workers})",
@@ -85,9 +85,7 @@ class PoolDirectory:
                 "a worker never runs more jobs than its slots", details={"path": "$.pool.target_concurrency"})
         models: list[str] = []
         for name in spec.models:
-            record = self.catalog.find(name)
-            if record is None:
-                raise ModelNotFound(f"model {name!r} is not registered")
+            record = await self.catalog.resolve(name)  # read through: one just pushed counts
             if record.runtime not in spec.runtimes:
                 raise ValidationFailed(f"model {name!r} runs on {record.runtime}, which the pool does not serve",
                                        details={"path": "$.pool.models"})

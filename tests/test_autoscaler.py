@@ -144,6 +144,17 @@ async def test_scale_from_zero_run_then_scale_down_to_zero(
     view = await client.pool("py")
     assert view.status is not None and view.status.decisions
 
+    # The same in metrics: the leader, the pool's workers by state, one provisioning observed.
+    import httpx
+
+    assert scaler.metrics_server is not None
+    async with httpx.AsyncClient() as http:
+        text = (await http.get(scaler.metrics_server.url)).text
+    assert "mnemos_autoscaler_leader 1.0" in text
+    assert 'mnemos_pool_workers{pool="py",state="desired"} 0.0' in text
+    assert 'mnemos_pool_provisioning_seconds_count{pool="py",provider="local"} 1.0' in text
+    assert 'mnemos_pool_decisions_total{action="scale_up",pool="py"} 1.0' in text
+
 
 async def test_a_busy_worker_is_never_drained_and_work_is_not_lost(
     control_plane: Any, client: Any, demo_fn: Any, layout: Layout,

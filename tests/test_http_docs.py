@@ -52,7 +52,7 @@ def parse_curl(argv: list[str]) -> tuple[str, str, dict[str, str], str | None]:
 def test_the_doc_has_commands_for_every_route() -> None:
     urls = " ".join(parse_curl(c)[1] for c in curl_commands(DOC.read_text()))
     for path in ("/v1/jobs?", "/v1/jobs/<job_id>", "/retry", "/events", "/v1/completions", "/v1/chat/completions",
-                 "/v1/models", "/v1/workers"):
+                 "/v1/models", "/v1/workers", "/v1/pools", "/v1/pools/batch"):
         assert path in urls, path
 
 

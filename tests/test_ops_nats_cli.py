@@ -65,6 +65,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api as jsapi
 
+from control_plane.autoscaler import Autoscaler, AutoscalerSettings
 from mnemos.connection import barrier
 from mnemos.client import job_spec
 from mnemos.config import NatsSettings
@@ -75,7 +76,10 @@ from mnemos.messages import (
     JobRecord,
     JobSpec,
     JobStatus,
+    LeaseRecord,
     ModelRecord,
+    PoolSpec,
+    PoolStatus,
     ResultChunk,
     ResultFinal,
     ResultMessage,
@@ -101,6 +105,8 @@ SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "nats-micro-schemas"
 
 #: Placeholders the doc uses for ids.
 JOB, WORKER = "<job_id>", "<worker_id>"
+#: The pool the doc's commands read (the one `mnemos up` writes).
+POOL = "local"
 
 #: What each API endpoint takes and answers.
 REQUEST_TYPES: dict[str, Any] = {e.name: e.request for e in ENDPOINTS}
@@ -415,6 +421,7 @@ def name_catalog(n: Names) -> dict[str, str]:
     names = {
         "jobs bucket": n.jobs_bucket, "workers bucket": n.workers_bucket, "models bucket": n.models_bucket,
         "idempotency bucket": n.idempotency_bucket, "artifacts bucket": n.artifacts_bucket,
+        "pools bucket": n.pools_bucket, "autoscaler bucket": n.autoscaler_bucket,
         "dispatch stream": n.dispatch_stream, "results stream": n.results_stream,
         "results": n.results_all, "job results": n.results_subject(JOB), "heartbeats": n.heartbeat_all,
         "heartbeat": n.heartbeat_subject(WORKER), "worker control": n.worker_control_subject(WORKER),
@@ -443,8 +450,9 @@ def split_argv(argv: list[str]) -> tuple[list[str], dict[str, str | bool]]:
 def check_documented_command(argv: list[str], n: Names) -> None:
     """Fail unless ``argv`` is a command shape the doc may show, with this namespace's names."""
     cat = name_catalog(n)
-    buckets = {n.jobs_bucket, n.workers_bucket, n.models_bucket, n.idempotency_bucket}
-    keys = {n.jobs_bucket: {JOB}, n.workers_bucket: {WORKER},
+    buckets = {n.jobs_bucket, n.workers_bucket, n.models_bucket, n.idempotency_bucket, n.pools_bucket}
+    keys = {n.jobs_bucket: {JOB}, n.workers_bucket: {WORKER}, n.pools_bucket: {POOL},
+            n.autoscaler_bucket: {Names.AUTOSCALER_LEASE_KEY, Names.pool_status_key(POOL)},
             n.models_bucket: {model_key(DEMO_MODEL_FAMILY, DEMO_MODEL_VERSION),
                               model_key(DEMO_FUNCTIONS_FAMILY, DEMO_FUNCTIONS_VERSION)}}
     consumers = {v for k, v in cat.items() if k.startswith("consumer ")}
@@ -830,7 +838,8 @@ class DocRun:
     async def run(self, argv: list[str]) -> None:
         cli, n = self.cli, self.names
         pos, flags = split_argv(self.translate(argv))
-        bucket_types = {n.jobs_bucket: JobRecord, n.workers_bucket: WorkerRecord, n.models_bucket: ModelRecord}
+        bucket_types: dict[str, Any] = {n.jobs_bucket: JobRecord, n.workers_bucket: WorkerRecord,
+                                        n.models_bucket: ModelRecord, n.pools_bucket: PoolSpec}
         match pos:
             case ["micro", "ls"]:
                 assert self.cp.service.id in {i["id"] for i in await cli.micro_ls()}
@@ -846,6 +855,8 @@ class DocRun:
                 assert keys, f"{bucket} lists no keys"
                 if bucket == n.idempotency_bucket:
                     assert all(re.fullmatch(r"[0-9a-f]{64}", k) for k in keys)
+            case ["kv", "get", bucket, key] if bucket == n.autoscaler_bucket:
+                decode(await cli.kv_get(bucket, key), LeaseRecord if key == Names.AUTOSCALER_LEASE_KEY else PoolStatus)
             case ["kv", "get", bucket, key]:
                 decode(await cli.kv_get(bucket, key), bucket_types[bucket])
             case ["kv", "watch", bucket, *key]:
@@ -894,9 +905,16 @@ class DocRun:
 
 
 async def test_every_documented_command_answers(
-    control_plane: Any, start_worker: Any, demo_fn: Any, demo_model: Any, client: Any, cli: NatsCli, names: Names
+    control_plane: Any, start_worker: Any, demo_fn: Any, demo_model: Any, client: Any, cli: NatsCli, names: Names,
+    nats_settings: Any, tmp_path: Path,
 ) -> None:
     worker = await start_worker(runtimes=["python"])
+    # The pool the doc reads, and an autoscaler acting on it (max 0: it starts nothing).
+    await client.set_pool(PoolSpec(name=POOL, runtimes=["python"], min_workers=0, max_workers=0))
+    scaler = Autoscaler(cli.nc, nats_settings, AutoscalerSettings(instance_id="ops", metrics_port=-1,
+                                                                  state_dir=tmp_path / "autoscaler"))
+    await scaler.start()
+    await assert_eventually(lambda: scaler.ticks > 0, message="the autoscaler acting")
     done = await client.run(job_spec("demo-fn:v1", function="stream_words", args=["a b"]), timeout=30)
     failed = await client.run(failing_spec(), timeout=30)
     running = await client.submit(job_spec("demo-fn:v1", function="sleep", args=[60]))
@@ -907,8 +925,11 @@ async def test_every_documented_command_answers(
     run = DocRun(cli, names, client, control_plane, worker, jobs)
 
     commands = sorted(doc_commands(), key=lambda argv: "drain" in "".join(argv))  # drain stops the worker
-    for argv in commands:
-        try:
-            await run.run(argv)
-        except Exception as e:
-            raise AssertionError(f"`nats {shlex.join(argv)}` failed: {e!r}") from e
+    try:
+        for argv in commands:
+            try:
+                await run.run(argv)
+            except Exception as e:
+                raise AssertionError(f"`nats {shlex.join(argv)}` failed: {e!r}") from e
+    finally:
+        await scaler.stop()
