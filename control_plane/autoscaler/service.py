@@ -169,7 +169,10 @@ class Autoscaler:
         found = self.providers.get(name)
         if found is None:
             found = self.providers[name] = self._provider_factory(name)
-            await found.prepare()
+            try:
+                await found.prepare()
+            except Exception as e:  # noqa: BLE001 - it starts workers anyway, only slower
+                log.warning("provider %s could not prepare (%r); its first start will be slower", name, e)
         return found
 
     async def __aenter__(self) -> Autoscaler:
@@ -232,6 +235,11 @@ class Autoscaler:
                     self._acting = False
                     self.pools.clear()
                 self.metrics.leader.set(1 if self._acting else 0)
+            if not self._acting:
+                # A hot standby: providers ready (the local zygote imported) before it may
+                # have to take over, so a takeover acts at its first round.
+                for name in sorted({spec.provider for spec in self.specs.values()}):
+                    await self.provider(name)
             if self._acting and self.lease.held:
                 started = time.perf_counter()
                 try:
