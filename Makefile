@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up test install lint typecheck bench clean
+.PHONY: up test install lint typecheck bench checkov clean
 
 $(BIN)/python:
 	@command -v $(PY) >/dev/null 2>&1 || { echo "need $(PY) (Python >= 3.11)"; exit 1; }
@@ -33,5 +33,11 @@ bench: $(STAMP)
 	$(BIN)/python -m loadtest bench noop
 	$(BIN)/python -m loadtest bench stream
 
+# checkov in a virtual environment of its own: it pins boto3 and ships another `hcl2`,
+# which would replace the project's (see infra/terraform/README.md).
+checkov: $(STAMP)
+	@test -x .venv-checkov/bin/checkov || { $(PY) -m venv .venv-checkov && .venv-checkov/bin/pip install --quiet checkov; }
+	MNEMOS_CHECKOV=.venv-checkov/bin/checkov $(BIN)/python -m pytest -q tests/test_terraform.py
+
 clean:
-	rm -rf $(VENV) .mnemos .pytest_cache
+	rm -rf $(VENV) .venv-checkov .mnemos .pytest_cache
