@@ -251,3 +251,25 @@ def test_policy_scales_up_at_once_and_down_to_what_the_window_needed() -> None:
                    history=busy.history, watching_since=since)
     assert removed.change == -2  # a removed pool: no window to wait
     assert msgspec.json.encode(pool)  # the spec stays a plain message
+
+
+async def test_a_pool_at_max_workers_says_so_and_its_jobs_say_why_they_wait(
+    control_plane: Any, client: Any, demo_fn: Any, layout: Layout,
+    start_autoscaler: Callable[..., Awaitable[Autoscaler]],
+) -> None:
+    await client.set_pool(_pool(max_workers=0))  # nothing may start: the backlog waits
+    await start_autoscaler()
+    jobs = [await client.submit(_call("noop")) for _ in range(3)]
+
+    async def at_max() -> PoolStatus | None:
+        st = await _status(layout, "py")
+        return st if st is not None and st.at_max and st.messages == 3 else None
+
+    status = await assert_eventually(at_max, timeout=30, message="the pool reports it is at max_workers")
+    assert [d.action for d in status.decisions] == ["at_max"]
+    assert "need more than max_workers 0" in status.decisions[0].reason
+    waiting = (await client.get(jobs[0].job_id)).waiting
+    assert waiting is not None and waiting.reason == "waiting_for_capacity" and waiting.pool == "py"
+    assert "at max_workers" in waiting.detail, waiting.detail
+    listed = await client.list(status=["queued"])
+    assert {j.waiting.pool for j in listed.jobs if j.waiting is not None} == {"py"}
