@@ -90,6 +90,11 @@ class PoolDirectory:
                 raise ValidationFailed(f"model {name!r} runs on {record.runtime}, which the pool does not serve",
                                        details={"path": "$.pool.models"})
             models.append(f"{record.family}:{record.version}")
+        existing = self.specs.get(spec.name)
+        if existing is not None and (existing.provider, existing.provider_settings) != (
+                spec.provider, spec.provider_settings):
+            raise Conflict(f"pool {spec.name!r} runs on {existing.provider} {existing.provider_settings or ''}: "
+                           "remove it first (its workers drain), then create it with the new provider")
         for other in self.specs.values():
             if other.name == spec.name:
                 continue

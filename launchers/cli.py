@@ -628,11 +628,14 @@ def pools_get(obj: _Ctx, name: str) -> None:
               help="Idle spares kept warm while there is work.")
 @click.option("--scaledown-window", type=float, default=60.0, show_default=True,
               help="Seconds of surplus before scaling down.")
+@click.option("--start-timeout", type=float, default=180.0, show_default=True,
+              help="Seconds a started worker has to register before it is replaced (a cloud GPU boot: more).")
 @click.option("--description", default="")
 @click.pass_obj
 def pools_set(obj: _Ctx, name: str, runtimes: tuple[str, ...], models_: tuple[str, ...], provider: str,
               settings_: tuple[str, ...], min_workers: int, max_workers: int, slots: int,
-              target_concurrency: int | None, buffer_workers: int, scaledown_window: float, description: str) -> None:
+              target_concurrency: int | None, buffer_workers: int, scaledown_window: float, start_timeout: float,
+              description: str) -> None:
     """Create or replace a pool (the acting autoscaler follows within a tick)."""
     from mnemos.messages import PoolSpec, SetPool, decode
 
@@ -646,7 +649,7 @@ def pools_set(obj: _Ctx, name: str, runtimes: tuple[str, ...], models_: tuple[st
                      "provider": provider, "provider_settings": provider_settings, "min_workers": min_workers,
                      "max_workers": max_workers, "worker_slots": slots, "target_concurrency": target_concurrency,
                      "buffer_workers": buffer_workers, "scaledown_window_s": scaledown_window,
-                     "description": description}}
+                     "start_timeout_s": start_timeout, "description": description}}
     try:
         spec: PoolSpec = decode(json.dumps(body), SetPool).pool
     except MnemosError as e:

@@ -3,6 +3,7 @@ followed into a dict of decoded values (:func:`mirror`)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, MutableMapping
 from typing import TypeVar
@@ -55,17 +56,29 @@ async def mirror(
     into: MutableMapping[str, T],
     *,
     prefix: str = "",
-    on_change: Callable[[str, T | None], None] | None = None,
+    on_change: Callable[[str, T | None, str | None], None] | None = None,
+    loaded: asyncio.Event | None = None,
+    empty: bool = False,
 ) -> None:
     """Keep ``into`` equal to the bucket's live keys (those starting with ``prefix``, which
     is cut off), decoded as ``type``, until cancelled. A malformed value is logged and
-    skipped; ``on_change(key, value or None)`` is called after each change."""
+    skipped; ``on_change(key, value or None, operation)`` is called after each change
+    (operation ``None`` for a value, ``DEL`` for a deletion, ``PURGE`` for a purge or an
+    expiry). ``loaded`` is set once the bucket's contents at the start are in: at the first
+    entry with nothing pending behind it (nats-py's own marker can come before values the
+    server already sent), or at once when the caller knows the bucket was ``empty``."""
     from mnemos.errors import MnemosError
     from mnemos.messages import decode
 
+    if loaded is not None and empty:
+        loaded.set()
     try:
         async for entry in watcher:
-            if entry is None or not entry.key.startswith(prefix):
+            if entry is None:
+                continue
+            if loaded is not None and not loaded.is_set() and not entry.delta:
+                loaded.set()
+            if not entry.key.startswith(prefix):
                 continue
             key = entry.key[len(prefix):]
             value: T | None = None
@@ -78,6 +91,6 @@ async def mirror(
             else:
                 into.pop(key, None)
             if on_change is not None:
-                on_change(key, value)
+                on_change(key, value, entry.operation)
     finally:
         await watcher.stop()  # type: ignore[no-untyped-call]

@@ -601,7 +601,8 @@ class ScalingDecision(_Strict):
     """One thing the autoscaler did, and why."""
 
     at: datetime
-    #: ``scale_up``, ``scale_down``, ``at_max``, ``replace``, ``remove``, ``release``, ``error``.
+    #: ``scale_up``, ``scale_down``, ``at_max``, ``drain``, ``release``, ``remove``, ``replace``,
+    #: ``silent`` (a worker stopped heartbeating), ``error``.
     action: str
     #: What it saw (demand, workers, per-worker capacity) and the rule that applied.
     reason: str
@@ -628,6 +629,8 @@ class PoolStatus(_Strict, tag="io.mnemos.v1.pool_status", tag_field="type"):
     pool: PoolName
     updated_at: datetime
     autoscaler: str
+    #: The settings it acted on (a new leader drains a pool removed meanwhile with them).
+    spec: PoolSpec | None = None
     desired: NonNegInt = 0
     starting: NonNegInt = 0
     ready: NonNegInt = 0

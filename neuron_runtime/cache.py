@@ -15,12 +15,16 @@ and a crash leaves only ``.partial`` garbage, removed at the next start.
 Several workers on one machine may share ``root`` (``mnemos up``'s local workers do): each
 downloads under its own ``.partial/<pid>-<token>``, a start removes only the leftovers of
 processes that are gone, and a model another worker has put in place while this one was
-downloading it is taken as it is (this copy is dropped).
+downloading it is taken as it is (this copy is dropped). A checkout holds a shared
+``flock`` on the model directory's ``.mnemos-pin``; eviction takes it exclusively without
+waiting and skips a model another process has checked out. (The byte budget is each
+process's own: workers sharing a directory should share the budget between them.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import hashlib
 import itertools
 import logging
@@ -46,6 +50,9 @@ __all__ = ["MARKER", "CacheEntry", "DiskCache", "content_digest"]
 log = logging.getLogger("mnemos.cache")
 
 MARKER = ".mnemos-complete"
+#: In each model directory: held shared (``flock``) by every process that has the model
+#: checked out, so a worker sharing the cache never evicts a model another is loading.
+PIN = ".mnemos-pin"
 PARTIAL = ".partial"
 _HASH_BLOCK = 1024 * 1024
 _DOWNLOAD_CONCURRENCY = 4
@@ -85,6 +92,20 @@ class _Slot:
     last_used: int
     pins: int = 0
     name: str = field(default="")
+
+
+def _pin(model_dir: Path) -> int | None:
+    """Hold ``model_dir``'s pin shared (an fd to close to let go); None if the directory is
+    gone (evicted by another worker meanwhile)."""
+    try:
+        fd = os.open(model_dir / PIN, os.O_RDWR | os.O_CREAT, 0o644)
+    except FileNotFoundError:
+        return None
+    fcntl.flock(fd, fcntl.LOCK_SH)  # waits only while an eviction moves the directory away
+    if not (model_dir / MARKER).exists():  # it was moved while this waited
+        os.close(fd)
+        return None
+    return fd
 
 
 def _file_sha256(path: Path) -> str:
@@ -231,9 +252,12 @@ class DiskCache:
         path = self.path_for(record)
         key = str(path)
         lock = self._locks.setdefault(key, asyncio.Lock())
+        pin: int | None = None
         async with lock:
             slot = self._slots.get(key)
-            if slot is not None and not (path / MARKER).exists():
+            if slot is not None:
+                pin = await asyncio.to_thread(_pin, path)  # None: another worker evicted it
+            if slot is not None and (pin is None or not (path / MARKER).exists()):
                 log.warning("cached model %s vanished from disk; downloading it again", record.name)
                 del self._slots[key]
                 slot = None
@@ -248,6 +272,7 @@ class DiskCache:
                     self.download_failures += 1
                     raise
                 slot = self._slots[key] = _Slot(key=key, path=path, size=size, last_used=0, name=record.name)
+                pin = await asyncio.to_thread(_pin, path)
             else:
                 self.hits += 1
                 self._touch(path)
@@ -260,6 +285,8 @@ class DiskCache:
             yield CacheEntry(path=path, hit=hit, size=slot.size)
         finally:
             slot.pins -= 1
+            if pin is not None:
+                os.close(pin)  # releases the shared lock
 
     @staticmethod
     def _touch(path: Path) -> None:
@@ -334,6 +361,16 @@ class DiskCache:
         os.rename(path, trash)
         return trash
 
+    def _discard_unless_pinned(self, path: Path) -> Path:
+        """:meth:`_discard` while holding the directory's pin exclusively; BlockingIOError
+        when another process has it checked out."""
+        fd = os.open(path / PIN, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return self._discard(path)
+        finally:
+            os.close(fd)
+
     async def _remove(self, path: Path) -> None:
         # Shielded: if the caller is cancelled the removal still finishes in its thread.
         try:
@@ -357,14 +394,19 @@ class DiskCache:
                 usage -= slot.size
         trash: list[Path] = []
         for slot in victims:
+            try:
+                moved = self._discard_unless_pinned(slot.path)
+            except FileNotFoundError:  # another worker sharing the cache evicted it
+                moved = None
+            except BlockingIOError:  # another worker has it checked out: kept
+                log.info("not evicting %s: another worker sharing the cache uses it", slot.name or slot.key)
+                continue
             del self._slots[slot.key]
             lock = self._locks.get(slot.key)
             if lock is not None and not lock.locked():
                 del self._locks[slot.key]
-            try:
-                trash.append(self._discard(slot.path))
-            except FileNotFoundError:
-                pass
+            if moved is not None:
+                trash.append(moved)
             self.evictions += 1
             log.info("evicted %s from disk cache (%d bytes)", slot.name or slot.key, slot.size)
         if usage + incoming > self.budget_bytes:

@@ -100,6 +100,8 @@ async def test_pools_are_validated_stored_in_kv_and_listed(control_plane: Any, c
         await client.set_pool(_pool(name="all-python-2"))
     with pytest.raises(Forbidden):
         await client.for_tenant("acme").set_pool(_pool(name="mine"))
+    with pytest.raises(Conflict):  # its workers would be left to no provider: remove it first
+        await client.set_pool(_pool(models=["demo-fn:v1"], provider="aws"))
     removed = await client.delete_pool("py")
     assert removed.spec.name == "py"
     with pytest.raises(PoolNotFound):
@@ -202,6 +204,7 @@ async def test_a_second_autoscaler_takes_over_without_starting_twice(
     await assert_eventually(lambda: _ready(layout, 1), timeout=60, message="min_workers 1 ready")
 
     # The leader dies without a word (its lease simply stops being renewed).
+    await first.supervisor.stop("lease")
     await first.supervisor.stop("loop")
     await assert_eventually(lambda: second.lease.held, timeout=15, message="a2 takes over")
     await assert_eventually(lambda: second.ticks > 5, message="a2 acting")
@@ -273,3 +276,36 @@ async def test_a_pool_at_max_workers_says_so_and_its_jobs_say_why_they_wait(
     assert "at max_workers" in waiting.detail, waiting.detail
     listed = await client.list(status=["queued"])
     assert {j.waiting.pool for j in listed.jobs if j.waiting is not None} == {"py"}
+
+
+async def test_a_worker_that_stops_heartbeating_is_not_killed_at_once_and_comes_back(
+    control_plane: Any, client: Any, demo_fn: Any, layout: Layout, state_dir: Path,
+    start_autoscaler: Callable[..., Awaitable[Autoscaler]],
+) -> None:
+    """Its record expires (here: the process is stopped with SIGSTOP for longer than three
+    heartbeats); the autoscaler records it as silent and leaves it running; once it
+    heartbeats again it is ready again, the same process."""
+    import json
+    import signal
+
+    await client.set_pool(_pool(min_workers=1, max_workers=1, scaledown_window_s=60.0))
+    await start_autoscaler(silent_grace_s=120.0)
+    await assert_eventually(lambda: _ready(layout, 1), timeout=60, message="one worker ready")
+    (entry,) = list((state_dir / "py").glob("*.json"))
+    worker = json.loads(entry.read_text())
+    os.kill(worker["pid"], signal.SIGSTOP)
+    try:
+        async def silent() -> bool:
+            st = await _status(layout, "py")
+            return st is not None and any(d.action == "silent" for d in st.decisions)
+
+        await assert_eventually(silent, timeout=30, message="the worker reported silent")
+    finally:
+        os.kill(worker["pid"], signal.SIGCONT)
+
+    async def back() -> bool:
+        st = await _status(layout, "py")
+        return st is not None and [(w.worker_id, w.state) for w in st.workers] == [(worker["worker_id"], "ready")]
+
+    await assert_eventually(back, timeout=30, message="the same worker ready again, and no other started")
+    assert entry.exists() and json.loads(entry.read_text())["pid"] == worker["pid"]

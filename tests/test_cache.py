@@ -249,3 +249,25 @@ async def _checkout_path(cache: DiskCache, record: ModelRecord) -> Path:
     async with cache.checkout(record) as entry:
         assert (entry.path / MARKER).exists()
         return entry.path
+
+
+async def test_a_worker_never_evicts_a_model_another_worker_has_checked_out(
+    registry: Registry, stores: Callable[[ArtifactLocation], ArtifactStore], tmp_path: Path
+) -> None:
+    """Two workers share the cache directory, each with room for one model. While the first
+    has ``a`` checked out, the second's download of ``b`` does not evict ``a`` (it goes over
+    budget and says so instead); once ``a`` is released it can go."""
+    a = await push(registry, tmp_path, "pinned-a")
+    b = await push(registry, tmp_path, "pinned-b")
+    root = tmp_path / "cache"
+    async with DiskCache(root, SIZE, stores) as first, DiskCache(root, SIZE, stores) as second:
+        async with first.checkout(a) as held:
+            async with second.checkout(a) as shared:  # the second worker indexes it too
+                assert shared.hit is False and shared.path == held.path
+            async with second.checkout(b):
+                assert (held.path / MARKER).exists(), "evicted while another worker had it checked out"
+                assert same_files(a, held.path, tmp_path / "src" / "pinned-a")
+        c = await push(registry, tmp_path, "pinned-c")
+        async with second.checkout(c):  # no one holds a now: it may go
+            pass
+        assert second.evictions >= 1 and not held.path.exists()

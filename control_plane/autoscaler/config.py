@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["AutoscalerSettings"]
@@ -20,8 +20,12 @@ class AutoscalerSettings(BaseSettings):
     tick_s: float = Field(default=0.2, gt=0, le=10)
     #: The leader lease: it expires this long after its last renewal (a standby takes over
     #: then), and is renewed every ``lease_renew_s``.
-    lease_ttl_s: float = Field(default=3.0, ge=1.0, le=300)
+    lease_ttl_s: int = Field(default=3, ge=1, le=300)
     lease_renew_s: float = Field(default=1.0, gt=0)
+    #: A ready worker whose record expired (no heartbeat: a stalled process, a machine cut
+    #: off from NATS) is stopped only after this long; one that heartbeats again meanwhile
+    #: is ready again. (Its jobs are recovered by the control plane either way.)
+    silent_grace_s: float = Field(default=120.0, ge=0)
     #: Where the ``local`` provider keeps track of the worker processes it started (shared
     #: by every autoscaler on this machine, so one that takes over finds them).
     state_dir: Path = Field(default=Path.home() / ".cache" / "mnemos" / "autoscaler")
@@ -37,3 +41,11 @@ class AutoscalerSettings(BaseSettings):
     #: Prometheus endpoint; port 0 picks a free one, -1 turns it off.
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9095, ge=-1, le=65535)
+
+    @model_validator(mode="after")
+    def _renew_within_the_ttl(self) -> AutoscalerSettings:
+        # The holder acts only while its last renewal is younger than TTL - max(0.5, TTL/4).
+        if self.lease_renew_s >= self.lease_ttl_s - max(0.5, self.lease_ttl_s / 4):
+            raise ValueError(f"lease_renew_s ({self.lease_renew_s:g}) must be shorter than lease_ttl_s "
+                             f"({self.lease_ttl_s}) minus its margin")
+        return self

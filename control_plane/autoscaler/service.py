@@ -46,7 +46,6 @@ from control_plane.autoscaler.providers import Provider, ProviderError, WorkerLa
 from control_plane.autoscaler.providers.base import ProviderView
 from mnemos.config import NatsSettings
 from mnemos.connection import patiently
-from mnemos.errors import MnemosError, ValidationFailed
 from mnemos.kvscan import mirror
 from mnemos.layout import Layout, ensure_layout
 from mnemos.messages import (
@@ -73,6 +72,12 @@ log = logging.getLogger("mnemos.autoscaler")
 #: Worker record statuses that count as ready, starting and draining.
 _READY = ("idle", "busy", "paused")
 _STARTING = ("registering", "starting")
+#: The detail of a worker whose record expired (no heartbeat): it may come back.
+_SILENT = "no heartbeat: its record expired"
+
+
+class _LeaseLost(Exception):
+    """The lease lapsed during a round: stop acting before the next provider call."""
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -147,6 +152,9 @@ class Autoscaler:
         self.providers: dict[str, Provider] = {}
         self.specs: dict[str, PoolSpec] = {}
         self.records: dict[str, WorkerRecord] = {}
+        #: Workers whose record expired (no heartbeat), and since when (monotonic).
+        self.silent: dict[str, float] = {}
+        self._loaded = (asyncio.Event(), asyncio.Event())
         self.pools: dict[str, _PoolState] = {}
         self.layout: Layout | None = None
         self._acting = False
@@ -189,10 +197,15 @@ class Autoscaler:
                 self.metrics.registry, self.settings.metrics_host, self.settings.metrics_port,
                 hint="set MNEMOS_AUTOSCALER_METRICS_PORT to another port, 0 for any free one or -1 for none",
             )
-        pools_watch = await patiently(self.layout.pools.watchall, "watch the pools bucket")
-        workers_watch = await patiently(self.layout.workers.watchall, "watch the workers bucket")
-        self.supervisor.spawn("pools", mirror(pools_watch, PoolSpec, self.specs))
-        self.supervisor.spawn("workers", mirror(workers_watch, WorkerRecord, self.records))
+        for (kv, what, kind, into, on_change), loaded in zip((
+            (self.layout.pools, "pools", PoolSpec, self.specs, None),
+            (self.layout.workers, "workers", WorkerRecord, self.records, self._on_record),
+        ), self._loaded, strict=True):
+            empty = not (await patiently(kv.status, f"read the {what} bucket")).stream_info.state.messages
+            watcher = await patiently(kv.watchall, f"watch the {what} bucket")
+            self.supervisor.spawn(what, mirror(watcher, kind, into, on_change=on_change, loaded=loaded,  # type: ignore[arg-type]
+                                                empty=empty))
+        self.supervisor.spawn("lease", self._lease_loop())
         self.supervisor.spawn("loop", self._loop())
         log.info("autoscaler %s started (namespace %s)", self.instance_id, self.names.prefix)
 
@@ -219,22 +232,46 @@ class Autoscaler:
 
     # ------------------------------------------------------------------ watches
 
+    def _on_record(self, worker_id: str, record: WorkerRecord | None, operation: str | None) -> None:
+        if record is not None or operation == "DEL":  # alive, or gone cleanly
+            self.silent.pop(worker_id, None)
+        else:  # expired (or purged): it stopped heartbeating; it may still run
+            self.silent.setdefault(worker_id, time.monotonic())
+
     # ------------------------------------------------------------------ the loop
 
-    async def _loop(self) -> None:
-        next_renew = 0.0
+    async def _lease_loop(self) -> None:
+        """Renew (or try to take) the lease on its own clock, whatever a round is doing."""
         while True:
-            now = time.monotonic()
-            if now >= next_renew:
-                held = await self.lease.tick()
-                next_renew = now + self.settings.lease_renew_s
-                if held and not self._acting:
-                    await self._take_over()
-                elif not held and self._acting:
-                    log.warning("autoscaler %s stopped acting (lease lost)", self.instance_id)
-                    self._acting = False
-                    self.pools.clear()
-                self.metrics.leader.set(1 if self._acting else 0)
+            await self.lease.tick()
+            await asyncio.sleep(self.settings.lease_renew_s)
+
+    def _guard(self) -> None:
+        """Before anything that changes the world: still the leader?"""
+        if not self.lease.held:
+            raise _LeaseLost()
+
+    def _step_down(self) -> None:
+        log.warning("autoscaler %s stopped acting (lease lost)", self.instance_id)
+        self._acting = False
+        for name in self.pools:
+            self.metrics.forget(name)
+        self.pools.clear()
+
+    async def _loop(self) -> None:
+        for loaded in self._loaded:  # never act on a half-read bucket
+            while not loaded.is_set():
+                try:
+                    await asyncio.wait_for(loaded.wait(), 10.0)
+                except TimeoutError:
+                    log.warning("still reading the pools and workers buckets before acting")
+        while True:
+            held = self.lease.held
+            if held and not self._acting:
+                await self._take_over()
+            elif not held and self._acting:
+                self._step_down()
+            self.metrics.leader.set(1 if self._acting else 0)
             if not self._acting:
                 # A hot standby: providers ready (the local zygote imported) before it may
                 # have to take over, so a takeover acts at its first round.
@@ -244,6 +281,8 @@ class Autoscaler:
                 started = time.perf_counter()
                 try:
                     await self.round()
+                except _LeaseLost:
+                    self._step_down()
                 except Exception as e:  # noqa: BLE001 - one bad round must not stop scaling
                     log.exception("autoscaler round failed: %r", e)
                 self.metrics.tick_seconds.observe(time.perf_counter() - started)
@@ -266,12 +305,16 @@ class Autoscaler:
             try:
                 entry = await self.layout.autoscaler.get(key)
                 status = decode(entry.value or b"", PoolStatus)
-            except (MnemosError, ValidationFailed, Exception) as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - gone meanwhile, or unreadable
                 log.warning("pool status %s unreadable (%r); starting it afresh", key, e)
                 continue
             spec = self.specs.get(status.pool)
-            state = _PoolState(spec=spec or PoolSpec(name=status.pool, runtimes=["python"], max_workers=0),
-                               removed=spec is None)
+            acted_on = spec or status.spec
+            if acted_on is None:
+                log.warning("pool %s: removed, and its status (by an older release) names no settings: its "
+                            "workers are left as they are", status.pool)
+                continue
+            state = _PoolState(spec=acted_on if spec is not None else _removed(acted_on), removed=spec is None)
             state.workers = {w.worker_id: w for w in status.workers}
             # The window goes on where the last leader left it, unless that was long ago.
             if status.watching_since is not None and (utcnow() - status.updated_at).total_seconds() < 10:
@@ -300,8 +343,13 @@ class Autoscaler:
         for name, state in list(self.pools.items()):
             try:
                 await self._scale(state, demand.get(name, {}))
+            except _LeaseLost:
+                raise
             except ProviderError as e:
                 self._decide(state, "error", f"provider {state.spec.provider}: {e}")
+            except Exception as e:  # noqa: BLE001 - one pool's trouble must not stop the others
+                log.exception("pool %s: round failed", name)
+                self._decide(state, "error", f"{type(e).__name__}: {e}")
             if state.removed and not state.workers:
                 await self._forget(name)
         await self._write_statuses()
@@ -347,16 +395,21 @@ class Autoscaler:
             self._decide(state, "at_max", f"{p.reason}; {demand} job(s) need more than max_workers "
                                           f"{pool.max_workers}: work waits")
         state.at_max = p.at_max
-        if p.change > 0:
-            await self._grow(state, provider, p.change, p.reason)
+        # A silent worker serves nothing but may come back: it still counts against max_workers.
+        silent = sum(1 for w in tracked if w.detail.startswith(_SILENT))
+        grow = min(p.change, pool.max_workers - current - silent)
+        if grow > 0:
+            reason = p.reason if grow == p.change else f"{p.reason} ({silent} silent worker(s) count against the max)"
+            await self._grow(state, provider, grow, reason)
         elif p.change < 0:
             await self._shrink(state, ready, -p.change, p.reason)
         busy = {w.worker_id for w in state.workers.values() if w.state == "ready" and w.busy}
         idle = {w.worker_id for w in state.workers.values() if w.state == "ready" and not w.busy}
+        self._guard()
         await provider.protect(pool, busy, idle)
         counts = [w.state for w in state.workers.values()]
         state.status = PoolStatus(
-            pool=pool.name, updated_at=now, autoscaler=self.instance_id, desired=p.desired,
+            pool=pool.name, updated_at=now, autoscaler=self.instance_id, spec=pool, desired=p.desired,
             starting=counts.count("starting") + view.pending, ready=counts.count("ready"), busy=len(busy),
             draining=counts.count("draining"),
             messages_by_priority={str(k): v for k, v in sorted(by_priority.items(), reverse=True)},
@@ -377,14 +430,36 @@ class Autoscaler:
             tracked = state.workers.get(pw.worker_id)
             record = self.records.get(pw.worker_id)
             if tracked is None:  # started by an earlier leader before it wrote it down, or by the cloud
+                # Counted from now, not from the instance's launch (a warm pool's may be old).
                 tracked = state.workers[pw.worker_id] = PoolWorker(
-                    worker_id=pw.worker_id, state="starting", since=now, started_at=pw.started_at or now)
+                    worker_id=pw.worker_id, state="starting", since=now, started_at=now)
             if pw.state == "terminating":
                 await self._provider_takes(state, provider, tracked, record)
+                continue
+            silent_since = self.silent.get(pw.worker_id)
+            if record is None and silent_since is not None and tracked.state in ("ready", "draining"):
+                # No heartbeat: it may be cut off from NATS with a job running, and come back.
+                # Its jobs are the control plane's to recover; it is stopped only after a grace.
+                silent_for = time.monotonic() - silent_since
+                if silent_for < self.settings.silent_grace_s:
+                    if not tracked.detail.startswith(_SILENT):
+                        state.workers[pw.worker_id] = _replace(tracked, state="draining", since=now,
+                                                               detail=_SILENT)
+                        self._decide(state, "silent", f"worker {pw.worker_id}: {_SILENT}",
+                                     outcome=f"stopped in {self.settings.silent_grace_s:g}s unless it comes back")
+                    continue
+                self._guard()
+                await provider.stop(pool, pw.worker_id)
+                del state.workers[pw.worker_id]
+                seen.discard(pw.worker_id)
+                self.silent.pop(pw.worker_id, None)
+                self._decide(state, "remove", f"worker {pw.worker_id}: no heartbeat for {silent_for:.0f}s",
+                             asked=f"stop {pw.worker_id}", outcome="stopped")
                 continue
             if record is None:
                 if tracked.state in ("ready", "draining"):
                     # It registered before and has deregistered now: drained. Stop exactly it.
+                    self._guard()
                     await provider.stop(pool, pw.worker_id)
                     del state.workers[pw.worker_id]
                     seen.discard(pw.worker_id)
@@ -393,6 +468,7 @@ class Autoscaler:
                     continue
                 age = (now - (tracked.started_at or tracked.since)).total_seconds()
                 if age > pool.start_timeout_s:
+                    self._guard()
                     await provider.stop(pool, pw.worker_id)
                     del state.workers[pw.worker_id]
                     seen.discard(pw.worker_id)
@@ -411,6 +487,9 @@ class Autoscaler:
                        pool: PoolSpec) -> None:
         busy = bool(record.current_jobs) or record.status == "busy"
         if record.status in _STARTING:
+            return
+        if record.status in _READY and tracked.detail.startswith(_SILENT):  # it came back
+            state.workers[tracked.worker_id] = _replace(tracked, state="ready", since=now, busy=busy, detail="")
             return
         if record.status in _READY:
             if tracked.state == "starting":
@@ -432,6 +511,7 @@ class Autoscaler:
         pool = state.spec
         if record is not None and record.status not in ("stopped",):
             if tracked.state != "draining":
+                self._guard()
                 reply = await self._command(tracked.worker_id, "drain")
                 state.workers[tracked.worker_id] = _replace(tracked, state="draining", since=utcnow(),
                                                             detail="taken away by the provider")
@@ -439,6 +519,7 @@ class Autoscaler:
                              asked=f"drain {tracked.worker_id}",
                              outcome="draining" if reply is not None else "no answer: it drains on SIGTERM anyway")
             return
+        self._guard()
         await provider.release(pool, tracked.worker_id)
         state.workers.pop(tracked.worker_id, None)
         self._decide(state, "release", f"worker {tracked.worker_id} drained for the provider's termination",
@@ -448,6 +529,7 @@ class Autoscaler:
         pool = state.spec
         asked = f"start {count} worker(s) ({pool.provider})"
         asked_at, began = utcnow(), time.perf_counter()
+        self._guard()
         try:
             ids = await provider.start(WorkerLaunch(pool=pool, env=worker_launch_env(pool, self.nats_settings)), count)
         except ProviderError as e:
@@ -476,6 +558,7 @@ class Autoscaler:
         for _record, tracked in idle_records:
             if len(agreed) >= count:
                 break
+            self._guard()
             reply = await self._command(tracked.worker_id, "drain_if_idle")
             if reply is not None and reply.status == "draining":
                 agreed.append(tracked.worker_id)

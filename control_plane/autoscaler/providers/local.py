@@ -52,6 +52,13 @@ def _alive(pid: int, created: float) -> bool:
         return False
 
 
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
 def _read(path: Path) -> dict[str, Any] | None:
     try:
         data = json.loads(path.read_text())
@@ -115,16 +122,24 @@ class _Zygote:
             assert proc.stdin is not None
             proc.stdin.write((json.dumps({"worker_id": worker_id, "env": env, "log": str(log_path)}) + "\n").encode())
             await proc.stdin.drain()
-            answer = await asyncio.wait_for(self._line(proc), 30.0)
-        if "pid" not in answer:
-            raise ProviderError(f"the zygote could not start {worker_id}: {answer.get('error')}")
+            try:
+                answer = await asyncio.wait_for(self._line(proc), 30.0)
+            except (TimeoutError, ProviderError, ValueError):
+                # A late answer would pair with the next request: this zygote is done.
+                await self.close(kill=True)
+                raise
+        if answer.get("worker_id") != worker_id or "pid" not in answer:
+            await self.close(kill=True)
+            raise ProviderError(f"the zygote could not start {worker_id}: {answer}")
         return int(answer["pid"])
 
-    async def close(self) -> None:
+    async def close(self, *, kill: bool = False) -> None:
         proc, self.proc = self.proc, None
         if proc is None or proc.returncode is not None:
             return
-        if proc.stdin is not None:
+        if kill:
+            proc.kill()
+        elif proc.stdin is not None:
             proc.stdin.close()
         try:
             await asyncio.wait_for(proc.wait(), 5.0)
@@ -157,6 +172,8 @@ class LocalProvider:
         self.stop_grace_s = stop_grace_s
         self._zygote = _Zygote({**self.base_env, "PYTHONUNBUFFERED": "1"}) if zygote else None
         self._stopping: set[asyncio.Task[None]] = set()
+        #: Fresh worker processes started here (not forked by the zygote), to reap.
+        self._children: dict[int, subprocess.Popen[bytes]] = {}
 
     @property
     def zygote_preload_s(self) -> float | None:
@@ -174,38 +191,55 @@ class LocalProvider:
     async def start(self, launch: WorkerLaunch, count: int) -> list[str]:
         pool = launch.pool
         folder = self._dir(pool.name)
-        folder.mkdir(parents=True, exist_ok=True)
-        (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ProviderError(f"cannot keep track of workers in {folder}: {e}") from e
         started: list[str] = []
         for _ in range(count):
-            worker_id = f"{pool.name}-{secrets.token_hex(3)}"
-            env = {**self.base_env, **launch.env, "MNEMOS_WORKER_ID": worker_id, "PYTHONUNBUFFERED": "1"}
-            log_path = self.state_dir / "logs" / f"{worker_id}.log"
             began = time.time()
-            pid = await self._spawn(worker_id, env, log_path)
+            worker_id, pid, log_path = await self._spawn(pool.name, launch.env)
             try:
                 created = psutil.Process(pid).create_time()
+                record = {"worker_id": worker_id, "pid": pid, "created": created, "started_at": began,
+                          "log": str(log_path), "zygote": self._zygote is not None}
+                tmp = folder / f".{worker_id}.tmp"
+                tmp.write_text(json.dumps(record))
+                tmp.replace(folder / f"{worker_id}.json")
             except psutil.NoSuchProcess:
                 raise ProviderError(f"worker {worker_id} exited at once; see {log_path}") from None
-            record = {"worker_id": worker_id, "pid": pid, "created": created, "started_at": began,
-                      "log": str(log_path), "zygote": self._zygote is not None}
-            tmp = folder / f".{worker_id}.tmp"
-            tmp.write_text(json.dumps(record))
-            tmp.replace(folder / f"{worker_id}.json")
+            except OSError as e:  # not recorded: not left running unknown to every autoscaler
+                _signal(pid, signal.SIGKILL)
+                raise ProviderError(f"cannot record worker {worker_id} in {folder}: {e}") from e
             started.append(worker_id)
         return started
 
-    async def _spawn(self, worker_id: str, env: dict[str, str], log_path: Path) -> int:
-        if self._zygote is not None:
+    async def _spawn(self, pool: str, pool_env: dict[str, str]) -> tuple[str, int, Path]:
+        """(worker id, pid, log) of a new worker: forked from the zygote, else a fresh process.
+        A fallback gets an id of its own (a zygote that timed out may still have forked one)."""
+        try:
+            (self.state_dir / "logs").mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ProviderError(f"cannot write worker logs under {self.state_dir}: {e}") from e
+        for from_zygote in ((True, False) if self._zygote is not None else (False,)):
+            worker_id = f"{pool}-{secrets.token_hex(3)}"
+            env = {**self.base_env, **pool_env, "MNEMOS_WORKER_ID": worker_id, "PYTHONUNBUFFERED": "1"}
+            log_path = self.state_dir / "logs" / f"{worker_id}.log"
+            if from_zygote:
+                assert self._zygote is not None
+                try:
+                    return worker_id, await self._zygote.fork(worker_id, env, log_path), log_path
+                except (ProviderError, OSError, TimeoutError, ValueError) as e:
+                    log.warning("zygote fork of %s failed (%r); starting a fresh process", worker_id, e)
+                    continue
             try:
-                return await self._zygote.fork(worker_id, env, log_path)
-            except (ProviderError, OSError, TimeoutError, ValueError) as e:
-                log.warning("zygote fork of %s failed (%r); starting a fresh process", worker_id, e)
-        proc = _popen_worker(env, log_path)
-        # Reap it when it exits (it is our child): otherwise it would linger as a zombie.
-        task = asyncio.get_running_loop().run_in_executor(None, proc.wait)
-        task.add_done_callback(lambda f: f.exception())
-        return proc.pid
+                proc = _popen_worker(env, log_path)
+            except OSError as e:
+                raise ProviderError(f"cannot start a worker process: {e}") from e
+            # Our child: reaped by poll() in list() (no thread waits for it).
+            self._children[proc.pid] = proc
+            return worker_id, proc.pid, log_path
+        raise AssertionError("unreachable")
 
     def _entries(self, pool: str) -> list[tuple[Path, dict[str, Any]]]:
         folder = self._dir(pool)
@@ -218,7 +252,14 @@ class LocalProvider:
                 out.append((path, data))
         return out
 
+    def _reap(self) -> None:
+        """Collect the exit of the fresh processes started here (no zombie stays behind)."""
+        for pid, proc in list(self._children.items()):
+            if proc.poll() is not None:
+                del self._children[pid]
+
     async def list(self, pool: PoolSpec) -> ProviderView:
+        self._reap()
         workers = []
         for path, data in self._entries(pool.name):
             if not _alive(int(data.get("pid", 0)), float(data.get("created", 0.0))):
@@ -237,22 +278,27 @@ class LocalProvider:
         if data is None:
             return
         pid, created = int(data.get("pid", 0)), float(data.get("created", 0.0))
-        if _alive(pid, created):
-            try:
-                os.kill(pid, signal.SIGTERM)  # a worker drains on SIGTERM
-            except ProcessLookupError:
-                pass
-            deadline = time.monotonic() + self.stop_grace_s
-            while _alive(pid, created) and time.monotonic() < deadline:  # noqa: ASYNC110 - not our child
-                await asyncio.sleep(0.05)
-            if _alive(pid, created):
-                log.warning("worker %s (pid %d) did not stop within %.0fs; killing it", worker_id, pid,
-                            self.stop_grace_s)
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
         path.unlink(missing_ok=True)
+        if _alive(pid, created):
+            _signal(pid, signal.SIGTERM)  # a worker drains on SIGTERM
+            # Not awaited here (a round must not wait on it): killed later if it hangs.
+            task = asyncio.create_task(self._kill_if_alive(worker_id, pid, created), name=f"stop-{worker_id}")
+            self._stopping.add(task)
+            task.add_done_callback(self._stopped)
+
+    async def _kill_if_alive(self, worker_id: str, pid: int, created: float) -> None:
+        deadline = time.monotonic() + self.stop_grace_s
+        while _alive(pid, created) and time.monotonic() < deadline:  # noqa: ASYNC110 - not always our child
+            await asyncio.sleep(0.1)
+            self._reap()
+        if _alive(pid, created):
+            log.warning("worker %s (pid %d) did not stop within %.0fs; killing it", worker_id, pid, self.stop_grace_s)
+            _signal(pid, signal.SIGKILL)
+
+    def _stopped(self, task: asyncio.Task[None]) -> None:
+        self._stopping.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("stopping a worker failed: %r", task.exception())
 
     async def protect(self, pool: PoolSpec, busy: set[str], idle: set[str]) -> None:
         """Nothing takes a local worker away but the autoscaler itself."""
@@ -261,6 +307,8 @@ class LocalProvider:
         """Local workers are never taken away by anyone else: nothing to release."""
 
     async def close(self) -> None:
+        if self._stopping:
+            await asyncio.wait(set(self._stopping), timeout=self.stop_grace_s + 1)
         if self._zygote is not None:
             await self._zygote.close()
 
@@ -276,11 +324,8 @@ def stop_local_workers(state_dir: Path, timeout: float = 90.0) -> int:
             continue
         pid, created = int(data.get("pid", 0)), float(data.get("created", 0.0))
         if _alive(pid, created):
-            try:
-                os.kill(pid, signal.SIGTERM)
-                procs.append((path, pid, created))
-            except ProcessLookupError:
-                pass
+            _signal(pid, signal.SIGTERM)
+            procs.append((path, pid, created))
         else:
             path.unlink(missing_ok=True)
     deadline = time.monotonic() + timeout
@@ -289,9 +334,6 @@ def stop_local_workers(state_dir: Path, timeout: float = 90.0) -> int:
     for path, pid, created in procs:
         if _alive(pid, created):
             log.warning("worker pid %d did not stop within %.0fs; killing it", pid, timeout)
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            _signal(pid, signal.SIGKILL)
         path.unlink(missing_ok=True)
     return len(procs)
