@@ -309,3 +309,17 @@ async def test_a_worker_that_stops_heartbeating_is_not_killed_at_once_and_comes_
 
     await assert_eventually(back, timeout=30, message="the same worker ready again, and no other started")
     assert entry.exists() and json.loads(entry.read_text())["pid"] == worker["pid"]
+
+
+async def test_a_clean_stop_gives_the_lease_up_at_once(
+    control_plane: Any, client: Any, layout: Layout, start_autoscaler: Callable[..., Awaitable[Autoscaler]],
+) -> None:
+    from nats.js.errors import KeyDeletedError, KeyNotFoundError
+
+    first = await start_autoscaler("a1")
+    await assert_eventually(lambda: first.lease.held, message="a1 leads")
+    await first.stop()
+    with pytest.raises((KeyDeletedError, KeyNotFoundError)):  # deleted, not left to expire
+        await layout.autoscaler.get(Names.AUTOSCALER_LEASE_KEY)
+    second = await start_autoscaler("a2")
+    await assert_eventually(lambda: second.lease.held, timeout=15, message="a2 takes the free lease")

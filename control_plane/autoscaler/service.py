@@ -216,7 +216,8 @@ class Autoscaler:
         """Stop acting, give the lease up (a standby takes over at once), close providers.
         Workers keep running: they are the next leader's."""
         await self.supervisor.stop("loop")
-        if self._acting:
+        await self.supervisor.stop("lease")  # before the release: it must not take it again
+        if self._acting and self.lease.held:
             await self._write_statuses(force=True)
         await self.lease.release()
         self.metrics.leader.set(0)
