@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
+from rich import box
 from rich.console import Console
 from rich.status import Status
 from rich.table import Table
@@ -566,15 +567,15 @@ def pools_ls(obj: _Ctx) -> None:
     if obj.output == "json":
         click.echo(encode(found).decode())
         return
-    t = Table("pool", "provider", "runtimes", "models", "min", "max", "desired", "ready", "busy", "starting",
-              "draining", "messages", "at max")
+    # Narrow enough for 80 columns; `pools get` shows runtimes, models and the decisions.
+    t = Table("pool", "provider", "min-max", "want", "ready", "busy", "start", "drain", "jobs", "full",
+              box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
     for view in found:
         spec, st = view.spec, view.status
         counts = (["-"] * 7 if st is None else
                   [str(st.desired), str(st.ready), str(st.busy), str(st.starting), str(st.draining), str(st.messages),
-                   "yes" if st.at_max else "no"])
-        t.add_row(spec.name, spec.provider, ",".join(spec.runtimes), ",".join(spec.models) or "*",
-                  str(spec.min_workers), str(spec.max_workers), *counts)
+                   "[red]yes[/red]" if st.at_max else "no"])
+        t.add_row(spec.name, spec.provider, f"{spec.min_workers}-{spec.max_workers}", *counts)
     console.print(t)
 
 
