@@ -12,6 +12,8 @@ import httpx
 from click.testing import CliRunner
 
 from launchers.cli import cli
+from launchers.up import LOCAL_POOL, LOCAL_RUNTIMES
+from mnemos.messages import PoolSpec
 from mnemos.config import NatsSettings
 from tests.test_http_docs import DOC_BASE, curl_commands, parse_curl
 
@@ -39,7 +41,9 @@ def test_the_docs_show_every_pools_command() -> None:
 
 
 async def test_pool_commands_of_the_docs_work(control_plane: Any, nats_settings: NatsSettings, demo_fn: Any,
-                                              start_gateway: Any) -> None:
+                                              demo_model: Any, client: Any, start_gateway: Any) -> None:
+    # As under `make up`: the pool `local` serves every model of its runtimes already.
+    await client.set_pool(PoolSpec(name=LOCAL_POOL, runtimes=LOCAL_RUNTIMES, min_workers=1, max_workers=4))
     runner = CliRunner()
     base = ["--nats-url", nats_settings.nats_url, "--namespace", nats_settings.namespace]
     for doc in ("autoscaling.md", "cli.md"):

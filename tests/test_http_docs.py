@@ -57,7 +57,12 @@ def test_the_doc_has_commands_for_every_route() -> None:
 
 
 async def test_every_curl_command_of_the_doc_works(control_plane: Any, start_worker: Any, demo_model: Any,
-                                                  demo_fn: Any, start_gateway: Any) -> None:
+                                                  demo_fn: Any, start_gateway: Any, client: Any) -> None:
+    from launchers.up import LOCAL_POOL, LOCAL_RUNTIMES
+    from mnemos.messages import PoolSpec
+
+    # As under `make up`: the pool `local` serves every model of its runtimes already.
+    await client.set_pool(PoolSpec(name=LOCAL_POOL, runtimes=LOCAL_RUNTIMES, min_workers=1, max_workers=4))
     await start_worker()
     base = await start_gateway()
     async with httpx.AsyncClient(timeout=60) as http:
