@@ -21,9 +21,33 @@ from mnemos.errors import QueueFull
 from mnemos.names import Names
 from mnemos.tasks import Supervisor, cancel_and_wait
 
-__all__ = ["QueueDepth"]
+__all__ = ["QueueDepth", "dispatch_subject_counts"]
 
 log = logging.getLogger("mnemos.control_plane")
+
+
+class _StreamState(msgspec.Struct):
+    subjects: dict[str, int] | None = None
+
+
+class _StreamInfo(msgspec.Struct):
+    state: _StreamState | None = None
+
+
+_info_decoder = msgspec.json.Decoder(_StreamInfo)
+
+
+async def dispatch_subject_counts(nc: NATS, names: Names, timeout: float = 5.0) -> dict[str, int]:
+    """Messages per subject of the dispatch stream (``<runtime>.<priority>.<model>``): one
+    ``STREAM.INFO`` with a subject filter, decoded without nats-py's reflective StreamInfo.
+    What the backpressure bound and the autoscaler count (queued and running jobs)."""
+    reply = await nc.request(
+        names.stream_info_subject(names.dispatch_stream),
+        msgspec.json.encode({"subjects_filter": names.dispatch_all}),
+        timeout=timeout,
+    )
+    state = _info_decoder.decode(reply.data).state
+    return dict(state.subjects or {}) if state is not None else {}
 
 
 class QueueDepth:
@@ -78,22 +102,17 @@ class QueueDepth:
     async def refresh(self) -> None:
         """Read the per-subject counts of the dispatch stream."""
         try:
-            reply = await self.nc.request(
-                self.names.stream_info_subject(self.names.dispatch_stream),
-                msgspec.json.encode({"subjects_filter": self.names.dispatch_all}),
-                timeout=5.0,
-            )
-            info = msgspec.json.decode(reply.data)
+            subjects = await dispatch_subject_counts(self.nc, self.names)
         except Exception as e:  # a failed refresh keeps the last counts; it is retried
             log.warning("queue depth refresh failed: %r", e)
             return
         by_runtime: dict[str, int] = {}
         by_level: dict[tuple[str, int], int] = {}
-        for subject, n in ((info.get("state") or {}).get("subjects") or {}).items():
+        for subject, n in subjects.items():
             try:
                 runtime, priority = Names.parse_dispatch_subject(subject)
             except (IndexError, ValueError):
                 continue
-            by_runtime[runtime] = by_runtime.get(runtime, 0) + int(n)
-            by_level[(runtime, priority)] = by_level.get((runtime, priority), 0) + int(n)
+            by_runtime[runtime] = by_runtime.get(runtime, 0) + n
+            by_level[(runtime, priority)] = by_level.get((runtime, priority), 0) + n
         self.by_runtime, self.by_level, self._at = by_runtime, by_level, time.monotonic()

@@ -9,6 +9,7 @@ from control_plane.config import ControlPlaneSettings
 from control_plane.service import ControlPlane
 from mnemos.config import NatsSettings
 from mnemos.connection import connect
+from mnemos.tasks import until_stopped_or_failed
 
 log = logging.getLogger("mnemos.control_plane")
 
@@ -17,11 +18,6 @@ async def serve(nats_settings: NatsSettings, settings: ControlPlaneSettings, sto
     nc = await connect(nats_settings, "mnemos-control-plane")
     try:
         async with ControlPlane(nc, nats_settings, settings) as cp:
-            stopping = asyncio.ensure_future(stop.wait())
-            failing = asyncio.ensure_future(cp.wait_failed())
-            await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
-            stopping.cancel()
-            failing.cancel()
-            # A dead background loop: stop in order, then stop() re-raises it (exit non-zero).
+            await until_stopped_or_failed(stop, cp.supervisor)
     finally:
         await nc.drain()

@@ -556,11 +556,12 @@ class PoolSpec(_Strict, tag="io.mnemos.v1.pool", tag_field="type"):
     #: Models (``family:version``) the pool is for; empty: every model of its runtimes.
     #: A job counts toward the most specific pool: one that names its model, else one
     #: that serves its runtime.
-    models: list[ModelName] = field(default_factory=list)
+    models: Annotated[list[ModelName], Meta(max_length=256)] = field(default_factory=list)
     provider: ProviderName = "local"
     #: Provider settings (``aws``: ``region``, ``endpoint_url``; ``local``: ``env``-like
     #: ``MNEMOS_WORKER_*`` overrides are not accepted here, see docs/autoscaling.md).
-    provider_settings: dict[str, SettingValue] = field(default_factory=dict)
+    provider_settings: Annotated[dict[Annotated[str, Meta(pattern=r"^[a-z_]{1,64}$")], SettingValue],
+                                 Meta(max_length=32)] = field(default_factory=dict)
     min_workers: NonNegInt = 0
     max_workers: Annotated[int, Meta(ge=0, le=10_000)] = 4
     #: Jobs per worker the pool aims at (None: each worker's declared ``max_concurrent_jobs``;
@@ -570,12 +571,12 @@ class PoolSpec(_Strict, tag="io.mnemos.v1.pool", tag_field="type"):
     #: and the capacity assumed for a worker not yet registered).
     worker_slots: Annotated[int, Meta(ge=1, le=4096)] = 4
     #: Idle spares kept warm while the pool has work (Modal's ``buffer_containers``).
-    buffer_workers: NonNegInt = 0
+    buffer_workers: Annotated[int, Meta(ge=0, le=10_000)] = 0
     #: Scale down only after this long of surplus, to the most the window needed.
     scaledown_window_s: Annotated[float, Meta(ge=0, le=86_400)] = 60.0
     #: A started worker that has not registered after this long is stopped and replaced.
     start_timeout_s: Annotated[float, Meta(gt=0, le=7200)] = 180.0
-    description: str = ""
+    description: Annotated[str, Meta(max_length=1024)] = ""
 
 
 class PoolWorker(_Strict):

@@ -161,6 +161,16 @@ class Names:
         return f"{self.prefix}-{runtime}-p{priority:02d}"
 
     @staticmethod
+    def parse_dispatch_model(subject: str) -> tuple[str, int, str]:
+        """``(runtime, priority, "family:version")`` of a dispatch subject (ValueError or
+        IndexError if it is not one): the inverse of :meth:`dispatch_subject`."""
+        parts = subject.split(".")
+        if len(parts) != 5:
+            raise ValueError(f"not a dispatch subject: {subject!r}")
+        family, _, version = parts[4].partition(":")
+        return parts[2], int(parts[3]), model_name(family, version.replace("_", "."))
+
+    @staticmethod
     def parse_dispatch_subject(subject: str) -> tuple[str, int]:
         """``(runtime, priority)`` of a dispatch or ready subject."""
         parts = subject.split(".")

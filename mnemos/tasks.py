@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-__all__ = ["cancel_and_wait", "Supervisor", "BackgroundTaskDied"]
+__all__ = ["cancel_and_wait", "Supervisor", "BackgroundTaskDied", "until_stopped_or_failed"]
 
 log = logging.getLogger("mnemos.tasks")
 
@@ -135,3 +135,16 @@ class Supervisor:
         """Re-raise the first death (at the end of a component's shutdown)."""
         if self.error is not None:
             raise self.error
+
+
+async def until_stopped_or_failed(stop: asyncio.Event, supervisor: Supervisor) -> None:
+    """Return when ``stop`` is set (a signal) or a task of ``supervisor`` died: a role's
+    ``main`` then stops its component in order, and the component's ``stop`` re-raises the
+    death so that the process exits non-zero."""
+    stopping = asyncio.ensure_future(stop.wait())
+    failing = asyncio.ensure_future(supervisor.failed.wait())
+    try:
+        await asyncio.wait({stopping, failing}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+        failing.cancel()

@@ -323,3 +323,19 @@ async def test_a_clean_stop_gives_the_lease_up_at_once(
         await layout.autoscaler.get(Names.AUTOSCALER_LEASE_KEY)
     second = await start_autoscaler("a2")
     await assert_eventually(lambda: second.lease.held, timeout=15, message="a2 takes the free lease")
+
+
+def test_a_dispatch_subject_names_its_pool_back() -> None:
+    """What the autoscaler counts per pool comes from the subjects names.py builds."""
+    from mnemos.pools import pool_for
+
+    n = Names("ns")
+    subject = n.dispatch_subject("transformers", 7, "llama", "3.1-8b")
+    assert Names.parse_dispatch_model(subject) == ("transformers", 7, "llama:3.1-8b")
+    pools = [_pool(name="all", runtimes=["transformers"]),
+             _pool(name="llama", runtimes=["transformers"], models=["llama:3.1-8b"])]
+    assert pool_for(pools, "transformers", "llama:3.1-8b").name == "llama"  # the one naming it
+    assert pool_for(pools, "transformers", "gpt2:v1").name == "all"
+    assert pool_for(pools, "python", "gpt2:v1") is None
+    with pytest.raises(ValueError):
+        Names.parse_dispatch_model("ns.results.01ABC")

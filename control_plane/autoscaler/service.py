@@ -39,6 +39,7 @@ import msgspec
 from nats.aio.client import Client as NATS
 
 from control_plane.autoscaler.config import AutoscalerSettings
+from control_plane.backpressure import dispatch_subject_counts
 from control_plane.autoscaler.lease import Lease
 from control_plane.autoscaler.metrics import AutoscalerMetrics
 from control_plane.autoscaler.policy import plan
@@ -99,18 +100,6 @@ def worker_launch_env(pool: PoolSpec, nats: NatsSettings) -> dict[str, str]:
     return env
 
 
-def _subject_parts(names: Names, subject: str) -> tuple[str, int, str] | None:
-    """``(runtime, priority, "family:version")`` of a dispatch subject."""
-    parts = subject.split(".")
-    if len(parts) != 5 or parts[0] != names.prefix or parts[1] != "dispatch":
-        return None
-    family, _, version = parts[4].partition(":")
-    try:
-        return parts[2], int(parts[3]), f"{family}:{version.replace('_', '.')}"
-    except ValueError:
-        return None
-
-
 @dataclass
 class _PoolState:
     """What the acting autoscaler keeps for a pool (and writes as its status)."""
@@ -158,9 +147,8 @@ class Autoscaler:
         self.pools: dict[str, _PoolState] = {}
         self.layout: Layout | None = None
         self._acting = False
+        #: Rounds acted in (tests wait on it).
         self.ticks = 0
-        #: Set after every round it acted in (tests and benchmarks wait on it).
-        self.acted = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -208,9 +196,6 @@ class Autoscaler:
         self.supervisor.spawn("lease", self._lease_loop())
         self.supervisor.spawn("loop", self._loop())
         log.info("autoscaler %s started (namespace %s)", self.instance_id, self.names.prefix)
-
-    async def wait_failed(self) -> None:
-        await self.supervisor.failed.wait()
 
     async def stop(self) -> None:
         """Stop acting, give the lease up (a standby takes over at once), close providers.
@@ -288,7 +273,6 @@ class Autoscaler:
                     log.exception("autoscaler round failed: %r", e)
                 self.metrics.tick_seconds.observe(time.perf_counter() - started)
                 self.ticks += 1
-                self.acted.set()
             await asyncio.sleep(self.settings.tick_s)
 
     async def _take_over(self) -> None:
@@ -357,18 +341,18 @@ class Autoscaler:
 
     async def _messages(self) -> dict[str, dict[int, int]]:
         """Dispatch messages per pool and priority (one request for the whole stream)."""
-        info = await self.js.stream_info(self.names.dispatch_stream, subjects_filter=self.names.dispatch_all)
-        subjects: dict[str, int] = info.state.subjects or {} if info.state is not None else {}
+        subjects = await dispatch_subject_counts(self.nc, self.names)
         pools = list(self.specs.values())
         out: dict[str, dict[int, int]] = {}
         for subject, count in subjects.items():
-            parts = _subject_parts(self.names, subject)
-            if parts is None or not count:
+            try:
+                runtime, priority, model = Names.parse_dispatch_model(subject)
+            except (IndexError, ValueError):
                 continue
-            pool = pool_for(pools, parts[0], parts[2])
+            pool = pool_for(pools, runtime, model) if count else None
             if pool is not None:
                 by_priority = out.setdefault(pool.name, {})
-                by_priority[parts[1]] = by_priority.get(parts[1], 0) + count
+                by_priority[priority] = by_priority.get(priority, 0) + count
         return out
 
     # ------------------------------------------------------------------ one pool
