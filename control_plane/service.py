@@ -25,6 +25,7 @@ from nats.micro.request import Request
 from nats.micro.service import Service
 
 from control_plane.admission import Admission
+from control_plane.apps import AppDirectory
 from control_plane.backpressure import QueueDepth
 from control_plane.config import ControlPlaneSettings
 from control_plane.deferred import DeferredRecords
@@ -48,6 +49,9 @@ from mnemos.endpoints import (
     POOLS_GET,
     POOLS_LIST,
     POOLS_SET,
+    APPS_DEPLOY,
+    APPS_GET,
+    APPS_LIST,
     WORKERS_LIST,
     bind,
 )
@@ -72,6 +76,9 @@ from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
 from mnemos.messages import (
     CancelJob,
+    DeployApp,
+    GetApp,
+    ListApps,
     ErrorReply,
     GetJob,
     GetModel,
@@ -133,6 +140,7 @@ class ControlPlane:
         self.index: JobIndex | None = None
         self.depth: QueueDepth | None = None
         self.pools: PoolDirectory | None = None
+        self.apps: AppDirectory | None = None
         self.metrics = ControlPlaneMetrics()
         self.metrics_server: MetricsServer | None = None
         #: Every background loop of this process; one that dies sets ``supervisor.failed``.
@@ -172,6 +180,8 @@ class ControlPlane:
         await self.catalog.start(self.supervisor)
         self.pools = PoolDirectory(self.layout.pools, self.layout.autoscaler, self.catalog)
         await self.pools.start(self.supervisor)
+        self.apps = AppDirectory(self.layout.apps, self.catalog, self.pools)
+        await self.apps.start(self.supervisor)
         self.depth = QueueDepth(self.nc, self.names, self.settings.max_queued_per_runtime,
                                 self.settings.queue_depth_refresh_s, self.supervisor)
         await self.depth.refresh()
@@ -204,6 +214,9 @@ class ControlPlane:
             POOLS_GET: self._pools_get,
             POOLS_SET: self._pools_set,
             POOLS_DELETE: self._pools_delete,
+            APPS_LIST: self._apps_list,
+            APPS_GET: self._apps_get,
+            APPS_DEPLOY: self._apps_deploy,
         })
         self.service = await add_service(
             self.nc,
@@ -690,6 +703,27 @@ class ControlPlane:
     async def _pools_delete(self, req: Request) -> None:
         body = decode(req.data, RemovePool)
         await self._respond(req, await self._pool_directory(req, change=True).delete(body.name))
+
+    # ------------------------------------------------------------------ apps
+
+    def _app_directory(self, req: Request, *, change: bool) -> AppDirectory:
+        if self.apps is None:
+            raise Unavailable("control plane is not started")
+        if change and _tenant(req) is not None:
+            raise Forbidden("deploying sizes the operator's pools: a tenant's request cannot deploy")
+        return self.apps
+
+    async def _apps_list(self, req: Request) -> None:
+        decode(req.data or b"{}", ListApps)
+        await self._respond(req, self._app_directory(req, change=False).list())
+
+    async def _apps_get(self, req: Request) -> None:
+        q = decode(req.data, GetApp)
+        await self._respond(req, await self._app_directory(req, change=False).get(q.name))
+
+    async def _apps_deploy(self, req: Request) -> None:
+        body = decode(req.data, DeployApp)
+        await self._respond(req, await self._app_directory(req, change=True).deploy(body))
 
     # ------------------------------------------------------------------ cancel / retry
 

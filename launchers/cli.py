@@ -69,6 +69,7 @@ EXIT_BY_CODE: dict[str, int] = {
     "not_cancellable": EXIT_CONFLICT,
     "queue_full": EXIT_QUEUE_FULL,
     "pool_not_found": EXIT_NOT_FOUND,
+    "app_not_found": EXIT_NOT_FOUND,
     "forbidden": EXIT_INVALID,
 }
 
@@ -673,6 +674,130 @@ def pools_rm(obj: _Ctx, name: str) -> None:
         click.echo(encode(view).decode())
     else:
         console.print(f"pool {view.spec.name} removed; its workers drain")
+
+
+# ------------------------------------------------------------------ apps
+
+
+@cli.command()
+@click.argument("app_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--app", "app_name", default=None, help="The app to deploy when the file defines several.")
+@click.pass_obj
+def deploy(obj: _Ctx, app_file: Path, app_name: str | None) -> None:
+    """Deploy an app: package its source as a new content-addressed version (the same
+    source is the same version: a no-op), register it, make it live, size its pool."""
+    from launchers.deploy import deploy as deploy_app
+
+    done = _run(deploy_app(obj.settings, app_file, app_name=app_name))
+    if obj.output == "json":
+        click.echo(encode(done).decode())
+        return
+    rec = done.app
+    state = "deployed" if done.changed else "unchanged:"
+    was = f" (was {rec.previous_version})" if done.changed and rec.previous_version else ""
+    console.print(f"{state} app [bold]{rec.name}[/bold] version {rec.version}{was}; pool {rec.pool}")
+    for d in rec.definitions:
+        console.print(f"  {d.kind} {', '.join(d.targets)}")
+
+
+def _split_target(spec: str) -> tuple[Path, str]:
+    file, sep, target = spec.partition("::")
+    if not sep or not target:
+        raise click.BadParameter(f"expected FILE.py::FUNCTION (or FILE.py::Class.method), got {spec!r}")
+    return Path(file), target
+
+
+@cli.command("run")
+@click.argument("target")
+@click.argument("args", nargs=-1)
+@click.option("--kwarg", "kwargs", multiple=True, help="key=value (value JSON or string); repeatable.")
+@click.option("--app", "app_name", default=None, help="The app, when the file defines several.")
+@click.pass_obj
+def run_cmd(obj: _Ctx, target: str, args: tuple[str, ...], kwargs: tuple[str, ...], app_name: str | None) -> None:
+    """Call one function of an app ad hoc: `mnemos run app.py::add 2 3`. The app is
+    deployed first (a no-op when this source is live); arguments are JSON or strings;
+    a generator's items are printed as they stream."""
+    import mnemos.app as mnemos_app
+    from launchers.deploy import deploy as deploy_app
+
+    app_file, name = _split_target(target)
+    parsed_kwargs = dict(_kwarg(k) for k in kwargs)
+    parsed_args = [_parse_value(a) for a in args]
+
+    async def go() -> None:
+        done = await deploy_app(obj.settings, app_file, app_name=app_name)
+        if done.changed:
+            err_console.print(f"deployed {done.app.name} version {done.app.version}")
+        owner, _, attr = name.partition(".")
+        mnemos_app.configure(obj.settings)
+        definition = done.app.definition(owner)
+        if definition is None or (definition.kind == "class") != bool(attr):
+            raise click.BadParameter(f"app {done.app.name} has no {name!r}; it defines "
+                                     f"{', '.join(t for d in done.app.definitions for t in d.targets)}")
+        handle: Any
+        if attr:
+            handle = getattr(mnemos_app.Cls(done.app.name, definition)(), attr, None)
+            if handle is None:
+                raise click.BadParameter(f"{owner} has no method {attr!r}")
+        else:
+            handle = mnemos_app.Function(done.app.name, definition, owner)
+        if handle.kind == "stream":
+            async for item in handle.remote_gen.aio(*parsed_args, **parsed_kwargs):
+                click.echo(item if isinstance(item, str) else json.dumps(item), nl=not isinstance(item, str))
+            if obj.output == "table":
+                click.echo()
+        else:
+            click.echo(json.dumps(await handle.remote.aio(*parsed_args, **parsed_kwargs)))
+
+    _run(go())
+
+
+def _kwarg(raw: str) -> tuple[str, Any]:
+    key, sep, value = raw.partition("=")
+    if not sep or not key:
+        raise click.BadParameter(f"--kwarg wants key=value, got {raw!r}")
+    return key, _parse_value(value)
+
+
+@cli.group()
+def apps() -> None:
+    """The deployed apps (mnemos deploy APP.py)."""
+
+
+@apps.command("ls")
+@click.pass_obj
+def apps_ls(obj: _Ctx) -> None:
+    """List the deployed apps: live version, what they define, when deployed."""
+    found = _client_call(obj, lambda c: c.apps())
+    if obj.output == "json":
+        click.echo(encode(found).decode())
+        return
+    t = Table("app", "version", "defines", "deployed", "pool", box=box.SIMPLE_HEAD, show_edge=False)
+    for rec in found:
+        t.add_row(rec.name, rec.version, ", ".join(d.name for d in rec.definitions),
+                  rec.deployed_at.strftime("%Y-%m-%d %H:%M:%S"), rec.pool or "-")
+    console.print(t)
+
+
+@apps.command("get")
+@click.argument("name")
+@click.pass_obj
+def apps_get(obj: _Ctx, name: str) -> None:
+    """One app: its live version and each function's and class's settings."""
+    rec = _client_call(obj, lambda c: c.app(name))
+    if obj.output == "json":
+        click.echo(encode(rec).decode())
+        return
+    console.print(f"[bold]{rec.name}[/bold] version {rec.version} (model {rec.model}), deployed "
+                  f"{rec.deployed_at:%Y-%m-%d %H:%M:%S}, previous {rec.previous_version or '-'}, pool {rec.pool}")
+    t = Table("name", "kind", "calls", "timeout", "retries", "concurrency", "workers", box=box.SIMPLE_HEAD,
+              show_edge=False)
+    for d in rec.definitions:
+        calls = ", ".join(f"{m.name} ({m.kind}{f' x{m.max_batch_size}/{m.wait_ms:g}ms' if m.kind == 'batched' else ''})"
+                          for m in d.methods) or d.function_kind
+        t.add_row(d.name, d.kind, calls, f"{d.timeout:g}s", str(d.retries), str(d.max_concurrency),
+                  f"{d.min_workers}-{d.max_workers}")
+    console.print(t)
 
 
 @cli.group()

@@ -126,6 +126,21 @@ async def ensure_demo(settings: NatsSettings, data_dir: Path) -> list[str]:
         await nc.drain()
 
 
+#: The app ``mnemos up`` deploys (the README's first example).
+DEMO_APP = Path(__file__).resolve().parents[1] / "examples" / "demo_app.py"
+
+
+async def ensure_demo_app(settings: NatsSettings) -> list[str]:
+    """Deploy the demo app (a no-op when this source is live); its ``app:version``."""
+    from launchers.deploy import deploy
+
+    if not DEMO_APP.is_file():  # an install without the repository's examples
+        log.warning("no demo app at %s: not deployed", DEMO_APP)
+        return []
+    done = await deploy(settings, DEMO_APP)
+    return [done.app.model]
+
+
 #: The pool ``mnemos up`` runs: every runtime a local CPU worker serves (vLLM needs a GPU
 #: and its own pool).
 LOCAL_POOL = "local"
@@ -242,6 +257,7 @@ class LocalStack:
             self.children.append(_Child("gateway", [*mnemos, "gateway"], gateway_env, self.logs / "gateway.log"))
         self.models: list[str] = []
         self.workers: list[str] = []
+        self.apps: list[str] = []
 
     def start(self) -> None:
         """Start NATS, register the demo models, start the children, wait until a worker is up."""
@@ -253,6 +269,7 @@ class LocalStack:
         for child in self.children:
             child.start()
         self.workers = asyncio.run(_wait_ready(self.settings, self.options.workers))
+        self.apps = asyncio.run(ensure_demo_app(self.settings))
         if self.gateway_url is not None:
             _wait_http(f"{self.gateway_url}/readyz")
 
@@ -303,7 +320,7 @@ def run_up(options: UpOptions) -> int:
     code = 0
     try:
         stack.start()
-        print(_banner(stack.nats.url, stack.data_dir, stack.workers, stack.models, stack.gateway_url,
+        print(_banner(stack.nats.url, stack.data_dir, stack.workers, stack.models + stack.apps, stack.gateway_url,
                       options if options.autoscale else None), flush=True)
         while not stop["flag"]:
             stack.supervise_once()
@@ -339,6 +356,8 @@ def _banner(url: str, data_dir: Path, workers: list[str], models: list[str], gat
         f"  models: {', '.join(models)}",
         "",
         "Try, in another terminal:",
+        '  .venv/bin/mnemos run examples/demo_app.py::Generator.generate "Once upon a time"',
+        "  .venv/bin/mnemos run examples/demo_app.py::add 2 3",
         '  .venv/bin/mnemos submit --model demo-gpt2:v1 --prompt "hello" --stream',
         "  .venv/bin/mnemos submit --model demo-fn:v1 --function add --arg 2 --arg 3 --wait",
         "  .venv/bin/mnemos jobs ls",

@@ -1,5 +1,6 @@
 """MNEMOS wire contract (names, messages, errors) and client SDK."""
 
+from mnemos.app import App, Cls, Function, FunctionCall, batched, configure, enter, method, model_path
 from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
 from mnemos.errors import (
@@ -16,6 +17,15 @@ from mnemos.names import Names
 from mnemos.sync import SyncClient
 
 __all__ = [
+    "App",
+    "Function",
+    "Cls",
+    "FunctionCall",
+    "enter",
+    "method",
+    "batched",
+    "configure",
+    "model_path",
     "Client",
     "SyncClient",
     "job_spec",

@@ -24,6 +24,9 @@ from nats.js import api as jsapi
 from mnemos.config import NatsSettings
 from mnemos.connection import connect, unavailable_from
 from mnemos.endpoints import (
+    APPS_DEPLOY,
+    APPS_GET,
+    APPS_LIST,
     JOBS_CANCEL,
     JOBS_GET,
     JOBS_LIST,
@@ -41,6 +44,11 @@ from mnemos.endpoints import (
 )
 from mnemos.errors import JobTimeout, NotConnected, Unavailable, ValidationFailed, from_info
 from mnemos.messages import (
+    AppDeployed,
+    AppRecord,
+    DeployApp,
+    GetApp,
+    ListApps,
     TERMINAL_STATUSES,
     CancelJob,
     ErrorReply,
@@ -446,3 +454,17 @@ class Client:
         """Remove a pool; the autoscaler drains its workers. The pool as it was."""
         return await self._call(POOLS_DELETE, RemovePool(name=name))
 
+
+    # ------------------------------------------------------------------ apps
+
+    async def apps(self) -> builtins.list[AppRecord]:
+        """Every deployed app with its live version."""
+        return (await self._call(APPS_LIST, ListApps())).apps
+
+    async def app(self, name: str) -> AppRecord:
+        """A deployed app: its live version and what it defines (``app_not_found``)."""
+        return await self._call(APPS_GET, GetApp(name=name))
+
+    async def deploy_app(self, body: DeployApp) -> AppDeployed:
+        """Make a registered app version live (``mnemos deploy`` pushes it first)."""
+        return await self._call(APPS_DEPLOY, body)

@@ -16,6 +16,12 @@ from typing import Any, Generic, TypeVar
 
 from mnemos.errors import Internal
 from mnemos.messages import (
+    AppDeployed,
+    AppList,
+    AppRecord,
+    DeployApp,
+    GetApp,
+    ListApps,
     CancelJob,
     GetJob,
     GetModel,
@@ -54,6 +60,9 @@ __all__ = [
     "POOLS_GET",
     "POOLS_SET",
     "POOLS_DELETE",
+    "APPS_LIST",
+    "APPS_GET",
+    "APPS_DEPLOY",
     "bind",
     "endpoint",
 ]
@@ -106,11 +115,15 @@ POOLS_GET = Endpoint("pools.get", GetPool, PoolView, "One pool's settings, statu
 POOLS_SET = Endpoint("pools.set", SetPool, PoolView, "Create or replace a pool (the autoscaler follows at once).")
 POOLS_DELETE = Endpoint("pools.delete", RemovePool, PoolView,
                         "Remove a pool; the autoscaler drains its workers. The reply is the pool as it was.")
+APPS_LIST = Endpoint("apps.list", ListApps, AppList, "The deployed apps.", body_optional=True)
+APPS_GET = Endpoint("apps.get", GetApp, AppRecord, "A deployed app: its live version and definitions.")
+APPS_DEPLOY = Endpoint("apps.deploy", DeployApp, AppDeployed,
+                       "Make a registered app version live and size its pool (a no-op if it already is).")
 
 #: Every endpoint, in the order docs/api.md lists them.
 ENDPOINTS: tuple[Endpoint[Any, Any], ...] = (
     JOBS_SUBMIT, JOBS_RUN, JOBS_GET, JOBS_LIST, JOBS_CANCEL, JOBS_RETRY, WORKERS_LIST, MODELS_LIST, MODELS_GET,
-    POOLS_LIST, POOLS_GET, POOLS_SET, POOLS_DELETE,
+    POOLS_LIST, POOLS_GET, POOLS_SET, POOLS_DELETE, APPS_LIST, APPS_GET, APPS_DEPLOY,
 )
 
 _BY_NAME: dict[str, Endpoint[Any, Any]] = {e.name: e for e in ENDPOINTS}

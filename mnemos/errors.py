@@ -37,6 +37,7 @@ __all__ = [
     "JobNotFound",
     "ModelNotFound",
     "PoolNotFound",
+    "AppNotFound",
     "Forbidden",
     "InvalidState",
     "NotCancellable",
@@ -174,6 +175,13 @@ class PoolNotFound(MnemosError, LookupError):
     status = 404
 
 
+class AppNotFound(MnemosError, LookupError):
+    """No app of that name is deployed."""
+
+    code = "app_not_found"
+    status = 404
+
+
 class InvalidState(MnemosError):
     """The job is in a state where the request makes no sense (e.g. retrying a running job)."""
 
@@ -276,6 +284,7 @@ ERROR_CLASSES: dict[str, type[MnemosError]] = {
         JobNotFound,
         ModelNotFound,
         PoolNotFound,
+        AppNotFound,
         InvalidState,
         NotCancellable,
         Conflict,

@@ -46,6 +46,8 @@ class Layout:
     #: (its leader lease and each pool's status).
     pools: KeyValue
     autoscaler: KeyValue
+    #: Deployed apps (``AppRecord`` by app name: the live version and its definitions).
+    apps: KeyValue
 
 
 async def _ensure_stream(js: JetStreamContext, config: jsapi.StreamConfig, update: bool) -> None:
@@ -197,5 +199,16 @@ async def ensure_layout(
             limit_marker_ttl=60.0,
         ),
     )
+    apps = await _ensure_kv(
+        js,
+        jsapi.KeyValueConfig(
+            bucket=names.apps_bucket,
+            description="MNEMOS deployed apps (live version and definitions; mnemos deploy)",
+            history=5,
+            storage=jsapi.StorageType.FILE,
+            replicas=o.replicas,
+            direct=o.replicas == 1,
+        ),
+    )
     return Layout(names=names, jobs=jobs, workers=workers, models=models, idempotency=idempotency,
-                  pools=pools, autoscaler=autoscaler)
+                  pools=pools, autoscaler=autoscaler, apps=apps)

@@ -76,6 +76,15 @@ __all__ = [
     "SetPool",
     "RemovePool",
     "LeaseRecord",
+    "AppName",
+    "AppMethod",
+    "AppDefinition",
+    "AppRecord",
+    "DeployApp",
+    "AppDeployed",
+    "GetApp",
+    "ListApps",
+    "AppList",
     "encode",
     "decode",
     "new_job_id",
@@ -692,6 +701,106 @@ class LeaseRecord(_Strict, tag="io.mnemos.v1.lease", tag_field="type"):
     acquired_at: datetime
     renewed_at: datetime
     ttl_s: float
+
+
+# ----------------------------------------------------------------------------- apps
+
+AppName = Annotated[str, Meta(pattern=r"^[a-z0-9][a-z0-9-]{0,39}$")]
+#: A Python identifier (a function, class or method name of an app).
+Identifier = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")]
+
+
+class AppMethod(_Strict):
+    """One method of an app class: how it is called."""
+
+    name: Identifier
+    #: ``call``: returns a value; ``stream``: a generator (its items stream); ``batched``:
+    #: called with lists of up to ``max_batch_size`` inputs gathered within ``wait_ms``.
+    kind: Literal["call", "stream", "batched"] = "call"
+    max_batch_size: Annotated[int, Meta(ge=1, le=1024)] = 8
+    wait_ms: Annotated[float, Meta(ge=0, le=60_000)] = 10.0
+
+
+class AppDefinition(_Strict):
+    """A function or class of an app with the settings it was declared with."""
+
+    name: Identifier
+    kind: Literal["function", "class"]
+    #: A function's own kind (``call`` or ``stream``); a class's methods.
+    function_kind: Literal["call", "stream"] = "call"
+    methods: Annotated[list[AppMethod], Meta(max_length=256)] = field(default_factory=list)
+    #: Seconds a call may run (the job's ``timeout_seconds``).
+    timeout: Annotated[float, Meta(gt=0, le=86400)] = 300.0
+    #: Retries of a failed call (the job's ``retry_config.max_retries``).
+    retries: Annotated[int, Meta(ge=0, le=10)] = 0
+    #: Calls one worker runs at once (a batched method's batch is one call's worth per input).
+    max_concurrency: Annotated[int, Meta(ge=1, le=1024)] = 1
+    min_workers: Annotated[int, Meta(ge=0, le=10_000)] = 0
+    max_workers: Annotated[int, Meta(ge=0, le=10_000)] = 4
+    scaledown_window: Annotated[float, Meta(ge=0, le=86_400)] = 60.0
+    priority: Priority = 5
+    #: The worker stack the code needs (its libraries must import on the worker).
+    runtime: Runtime = "python"
+    #: ``any`` or a GPU model name (``H100``): the worker must have one.
+    gpu: Annotated[str, Meta(max_length=64)] | None = None
+    description: Annotated[str, Meta(max_length=1024)] = ""
+
+    @property
+    def targets(self) -> list[str]:
+        """The names jobs call: ``add``, or ``Generator.generate`` for each method."""
+        if self.kind == "function":
+            return [self.name]
+        return [f"{self.name}.{m.name}" for m in self.methods]
+
+
+class AppRecord(_Strict, tag="io.mnemos.v1.app", tag_field="type"):
+    """A deployed app: the value of ``mnemos_apps.<name>``. Calls go to ``version``, the
+    registry model ``<name>:<version>`` (a content hash of the app's source)."""
+
+    name: AppName
+    version: Version
+    definitions: Annotated[list[AppDefinition], Meta(max_length=256)]
+    deployed_at: datetime
+    #: The version this one replaced (its calls in flight finish on it).
+    previous_version: Version | None = None
+    #: The autoscaler pool the app's calls count for.
+    pool: PoolName | None = None
+    requirements: list[str] = field(default_factory=list)
+
+    @property
+    def model(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    def definition(self, name: str) -> AppDefinition | None:
+        return next((d for d in self.definitions if d.name == name), None)
+
+
+class DeployApp(_Strict):
+    """Make ``version`` (already in the registry) the app's live version."""
+
+    name: AppName
+    version: Version
+    definitions: Annotated[list[AppDefinition], Meta(min_length=1, max_length=256)]
+    requirements: list[str] = field(default_factory=list)
+
+
+class AppDeployed(_Strict, tag="io.mnemos.v1.app_deployed", tag_field="type"):
+    app: AppRecord
+    #: False: the same version was already live (nothing changed).
+    changed: bool
+    revision: NonNegInt = 0
+
+
+class GetApp(_Strict):
+    name: AppName
+
+
+class ListApps(_Strict):
+    pass
+
+
+class AppList(_Strict, tag="io.mnemos.v1.app_list", tag_field="type"):
+    apps: list[AppRecord]
 
 
 # ----------------------------------------------------------------------------- codec

@@ -109,6 +109,16 @@ class Names:
         return f"{self.prefix}_pools"
 
     @property
+    def apps_bucket(self) -> str:
+        """Deployed apps: key ``<app name>``, value an ``AppRecord`` (its live version)."""
+        return f"{self.prefix}_apps"
+
+    @staticmethod
+    def app_pool(app: str) -> str:
+        """The autoscaler pool ``mnemos deploy`` keeps for an app's calls."""
+        return f"app-{app}"
+
+    @property
     def autoscaler_bucket(self) -> str:
         """The autoscaler's state: its leader lease and each pool's status."""
         return f"{self.prefix}_autoscaler"

@@ -29,6 +29,8 @@ __all__ = [
 ]
 
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+#: A function, or a method of a class (``Generator.generate``).
+_TARGET = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$"
 
 
 class _Config(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
@@ -78,24 +80,42 @@ class PyTorchConfig(_Config, frozen=True):
 
 
 class PythonConfig(_Config, frozen=True):
-    """``entrypoint`` is ``module:function`` (importable) or ``file.py:function`` (in the model dir).
+    """How a ``python`` model's code is found and run.
 
-    ``functions`` declares the other functions of the entrypoint's module that jobs may call
-    by name (``function``); the entrypoint's own function is always callable. Both are set
-    when the model is registered; a job can only pick one of them.
+    ``isolation="thread"`` (a pushed directory of functions): ``entrypoint`` is
+    ``module:function`` (importable) or ``file.py:function`` (in the model dir), imported
+    into the worker; ``functions`` declares the module's other functions jobs may call by
+    name (``function``); the entrypoint's own function is always callable.
+
+    ``isolation="process"`` (a deployed :class:`mnemos.App`): ``entrypoint`` is
+    ``file.py:<App variable>``, run in a child process of the worker per app version;
+    ``functions`` lists the app's callables (``add``, ``Generator.generate``), one of which
+    every job names; ``requirements`` are pip requirements the worker installs into a cached
+    environment of the app's own. Everything but ``function`` is set when the model is
+    registered; a job can only pick one of the declared functions.
     """
 
     JOB_FIELDS: ClassVar[frozenset[str]] = frozenset({"function"})
 
     entrypoint: Annotated[str, Meta(pattern=r"^[A-Za-z0-9_./-]+:[A-Za-z_][A-Za-z0-9_]*$")]
-    #: Names (in the entrypoint's module) a job may call besides the entrypoint's function.
-    functions: Annotated[list[Annotated[str, Meta(pattern=_IDENTIFIER)]], Meta(max_length=256)] = []
+    #: Names a job may call besides the entrypoint's function (process isolation: the only ones).
+    functions: Annotated[list[Annotated[str, Meta(pattern=_TARGET)]], Meta(max_length=256)] = []
     #: The function this job calls (one of :attr:`callable_names`); None: the entrypoint's.
-    function: Annotated[str, Meta(pattern=_IDENTIFIER)] | None = None
+    function: Annotated[str, Meta(pattern=_TARGET)] | None = None
     #: Run a plain (sync) function in a thread so it cannot block the worker.
     threaded: bool = True
+    #: ``thread``: imported into the worker; ``process``: a child process per app version.
+    isolation: Literal["thread", "process"] = "thread"
+    #: pip requirements of a process-isolated app (installed once per worker and set).
+    requirements: Annotated[list[Annotated[str, Meta(min_length=1, max_length=512)]], Meta(max_length=64)] = []
 
     def __post_init__(self) -> None:
+        if self.isolation == "thread" and any("." in f for f in self.functions):
+            raise ValueError("a dotted function (Class.method) needs isolation 'process'")
+        if self.requirements and self.isolation != "process":
+            raise ValueError("requirements need isolation 'process' (an app)")
+        if self.isolation == "process" and not self.functions:
+            raise ValueError("an app (isolation 'process') declares its functions")
         if self.function is not None and self.function not in self.callable_names:
             raise UnknownFunction(
                 f"function {self.function!r} is not declared by the model; it declares: "
@@ -105,13 +125,18 @@ class PythonConfig(_Config, frozen=True):
 
     @property
     def callable_names(self) -> frozenset[str]:
-        """Every function a job may call: the entrypoint's and the declared ``functions``."""
+        """Every function a job may call: the declared ``functions``, and for a thread model
+        its entrypoint's function."""
+        if self.isolation == "process":
+            return frozenset(self.functions)
         return frozenset({self.entrypoint.rpartition(":")[2], *self.functions})
 
     @property
     def target(self) -> str:
         """``module:function`` actually called (``function`` picks a declared one)."""
         module, _, name = self.entrypoint.rpartition(":")
+        if self.isolation == "process":
+            return f"{module}:{self.function or self.functions[0]}"
         return f"{module}:{self.function or name}"
 
 

@@ -22,14 +22,26 @@ from typing import Any, TypeVar
 from mnemos.client import Client
 from mnemos.config import NatsSettings
 from mnemos.errors import NotConnected
-from mnemos.messages import JobList, JobRecord, JobSpec, ModelRecord, PoolSpec, PoolView, ResultMessage, WorkerRecord
+from mnemos.messages import (
+    AppDeployed,
+    AppRecord,
+    DeployApp,
+    JobList,
+    JobRecord,
+    JobSpec,
+    ModelRecord,
+    PoolSpec,
+    PoolView,
+    ResultMessage,
+    WorkerRecord,
+)
 
-__all__ = ["SyncClient"]
+__all__ = ["SyncClient", "LoopThread"]
 
 T = TypeVar("T")
 
 
-class _LoopThread:
+class LoopThread:
     """An event loop running forever in a daemon thread, until :meth:`stop`."""
 
     def __init__(self) -> None:
@@ -80,7 +92,7 @@ class SyncClient:
     without ``await``. Create it with :meth:`connect`; close it (or use ``with``) to stop its
     loop thread."""
 
-    def __init__(self, client: Client, loop: _LoopThread, *, owned: bool = True) -> None:
+    def __init__(self, client: Client, loop: LoopThread, *, owned: bool = True) -> None:
         self._client: Client | None = client
         self._loop = loop
         self._owned = owned
@@ -90,7 +102,7 @@ class SyncClient:
         cls, settings: NatsSettings | None = None, *, request_timeout: float = 10.0, tenant: str | None = None
     ) -> "SyncClient":
         """Connect to NATS as described by ``settings`` (default: ``MNEMOS_*`` environment)."""
-        loop = _LoopThread()
+        loop = LoopThread()
         try:
             client = loop.call(Client.connect(settings, request_timeout=request_timeout, tenant=tenant))
         except BaseException:
@@ -210,6 +222,17 @@ class SyncClient:
 
     def delete_pool(self, name: str) -> PoolView:
         return self._call(self._live().delete_pool(name))
+
+    # ------------------------------------------------------------------ apps
+
+    def apps(self) -> builtins.list[AppRecord]:
+        return self._call(self._live().apps())
+
+    def app(self, name: str) -> AppRecord:
+        return self._call(self._live().app(name))
+
+    def deploy_app(self, body: DeployApp) -> AppDeployed:
+        return self._call(self._live().deploy_app(body))
 
 
 async def _anext(agen: AsyncIterator[T]) -> T:

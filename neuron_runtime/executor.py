@@ -283,6 +283,9 @@ class Executor:
             await ex.stream.close()
         if ex.streaming_write is not None:
             await ex.streaming_write
+        if ctx.load_ms is not None:  # the runtime loaded during the run (an app process restarted)
+            load_ms = (load_ms or 0.0) + ctx.load_ms
+            cache_hit = False
         timings = Timings(
             queue_ms=ex.record.timings.queue_ms,
             load_ms=round(load_ms, 3) if load_ms is not None else None,

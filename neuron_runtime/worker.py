@@ -22,6 +22,8 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 from nats.aio.client import Client as NATS
@@ -38,6 +40,7 @@ from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.messages import (
     ErrorReply,
     JobRecord,
+    ModelRecord,
     WorkerCommand,
     WorkerRecord,
     WorkerStatus,
@@ -67,6 +70,24 @@ log = logging.getLogger("mnemos.worker")
 #: How long a doorbell-woken idle worker keeps its pull open for more jobs of that level.
 #: It also bounds how long a higher-priority job can wait behind it while slots are free.
 _IDLE_LONG_POLL_S = 0.1
+
+
+class _Services:
+    """The disk cache and catalog, as an app process's host asks for them."""
+
+    def __init__(self, disk: DiskCache, catalog: ModelCatalog) -> None:
+        self.disk = disk
+        self.catalog = catalog
+
+    @property
+    def root(self) -> Path:
+        return self.disk.root
+
+    def checkout(self, record: ModelRecord) -> AbstractAsyncContextManager[Any]:
+        return self.disk.checkout(record)
+
+    async def resolve(self, name: str) -> ModelRecord:
+        return await self.catalog.resolve(name)
 
 
 class Worker:
@@ -217,6 +238,8 @@ class Worker:
             int(s.cache_budget_gb * 2**30),
             open_store=lambda location: open_store(location, self.js, self.registry_settings),
         )
+        for runtime in self.runtimes.values():
+            runtime.attach(_Services(disk, self.catalog))
         self.pool = ModelPool(
             self.runtimes,
             disk,
@@ -297,6 +320,11 @@ class Worker:
         await self._last_record()
         if self.pool is not None:
             await self.pool.close()
+        for name, runtime in self.runtimes.items():
+            try:
+                await runtime.close()
+            except Exception:
+                log.exception("closing the %s runtime failed", name)
         if self.catalog is not None:
             await self.catalog.stop()
         await self.supervisor.stop()  # what is left: record writes, engine stops, doorbells

@@ -93,7 +93,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         403: "A job that tries to choose the code it runs (`override_refused`); a tenant that is not an "
              "operator managing pools (`forbidden`)",
         404: "Not found (`job_not_found`, `model_not_found`, `unknown_model`, `unknown_function`, "
-             "`pool_not_found`); also another tenant's job",
+             "`pool_not_found`, `app_not_found`); also another tenant's job",
         409: "Conflict (`conflict`: e.g. a pool that would serve what another pool serves)",
         413: "Request body too large (`payload_too_large`)",
         415: "The body is not sent as `application/json` (`unsupported_media_type`)",

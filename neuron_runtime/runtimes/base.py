@@ -46,6 +46,9 @@ class ExecutionContext:
     started: float = field(default_factory=time.perf_counter)
     first_chunk_at: float | None = None
     chunks: int = 0
+    #: Milliseconds the runtime spent loading during the run (an app process started
+    #: again, a class entered): counted as the job's load time.
+    load_ms: float | None = None
 
     def emit(self, text: str, data: Any = None) -> None:
         """Stream one chunk of output. Safe to call from the event loop thread only."""
@@ -105,6 +108,13 @@ class Runtime(abc.ABC):
     @abc.abstractmethod
     async def load(self, model: ModelRecord, model_dir: Path, config: Any) -> LoadedModel:
         """Load ``model`` from ``model_dir`` with the parsed runtime ``config``."""
+
+    def attach(self, services: Any) -> None:
+        """Given the worker's disk cache and catalog once it has them (see
+        :class:`neuron_runtime.app_host.AppServices`); most runtimes need neither."""
+
+    async def close(self) -> None:
+        """Release what the runtime holds beyond its loaded models (worker shutdown)."""
 
 
 def text_prompt(job_input: JobInput, tokenizer: Any, runtime: str) -> str:

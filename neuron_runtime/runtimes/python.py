@@ -38,6 +38,7 @@ import msgspec
 from mnemos.errors import ExecutionError, JobCancelled, MnemosError, ModelLoadError, ValidationFailed
 from mnemos.messages import JobOutput, ModelRecord
 from mnemos.runtime_config import PythonConfig
+from neuron_runtime.app_host import AppCall, AppHost, AppServices
 from neuron_runtime.runtimes.base import ExecutionContext, LoadedModel, Runtime
 
 __all__ = ["PythonRuntime", "PythonFunction"]
@@ -270,14 +271,27 @@ class PythonFunction(LoadedModel):
 
 
 class PythonRuntime(Runtime):
-    """Loads a user function named by ``PythonConfig.entrypoint``."""
+    """Loads a user function named by ``PythonConfig.entrypoint`` (``isolation="thread"``),
+    or a handle on the app process of an app version (``isolation="process"``, see
+    :mod:`neuron_runtime.app_host`): one process per version, shared by its functions."""
 
     name: ClassVar[str] = "python"
 
-    async def load(self, model: ModelRecord, model_dir: Path, config: Any) -> PythonFunction:
-        """Import the entrypoint's module in a thread (user imports may be slow) and find the function."""
+    def __init__(self) -> None:
+        self._services: AppServices | None = None
+        self._hosts: dict[tuple[str, str], AppHost] = {}
+        self._hosts_lock = asyncio.Lock()
+
+    def attach(self, services: Any) -> None:
+        self._services = services
+
+    async def load(self, model: ModelRecord, model_dir: Path, config: Any) -> LoadedModel:
+        """Import the entrypoint's module in a thread (user imports may be slow) and find the
+        function; for an app, start (or share) its process."""
         if not isinstance(config, PythonConfig):
             raise ModelLoadError(f"expected PythonConfig, got {type(config).__name__}", retryable=False)
+        if config.isolation == "process":
+            return await self._load_app(model, Path(model_dir), config)
         target, _, fn_name = config.target.rpartition(":")
         module, module_name = await asyncio.to_thread(self._import, model, Path(model_dir), target)
         fn = getattr(module, fn_name, None)
@@ -287,6 +301,38 @@ class PythonRuntime(Runtime):
             raise ModelLoadError(f"{config.target}: {target} has no callable {fn_name!r}", retryable=False)
         logger.info("loaded %s -> %s", model.name, config.target)
         return PythonFunction(model, fn, config, module_name)
+
+    async def _load_app(self, model: ModelRecord, model_dir: Path, config: PythonConfig) -> AppCall:
+        key = (model.family, model.version)
+        async with self._hosts_lock:
+            host = self._hosts.get(key)
+            if host is None:
+                host = AppHost(model, msgspec.structs.replace(config, function=None), self._services)
+                try:
+                    await host.prepare(model_dir)
+                    await host.ensure_started()
+                except BaseException:
+                    await host.close()
+                    raise
+                self._hosts[key] = host
+            host.refs += 1
+        return AppCall(model, config, host, self._release)
+
+    async def _release(self, host: AppHost) -> None:
+        """One handle fewer; the last one stops the app process."""
+        async with self._hosts_lock:
+            host.refs -= 1
+            if host.refs > 0:
+                return
+            self._hosts.pop((host.record.family, host.record.version), None)
+        await host.close()
+        logger.info("stopped the app process of %s", host.record.name)
+
+    async def close(self) -> None:
+        async with self._hosts_lock:
+            hosts, self._hosts = list(self._hosts.values()), {}
+        for host in hosts:
+            await host.close()
 
     def _import(self, model: ModelRecord, model_dir: Path, target: str) -> tuple[types.ModuleType, str | None]:
         if target.endswith(".py") or "/" in target:
