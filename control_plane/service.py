@@ -24,6 +24,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import Service
 
+from control_plane.actors import list_actors
 from control_plane.admission import Admission
 from control_plane.apps import AppDirectory
 from control_plane.backpressure import QueueDepth
@@ -50,6 +51,7 @@ from mnemos.endpoints import (
     POOLS_LIST,
     POOLS_SET,
     APPS_DEPLOY,
+    ACTORS_LIST,
     APPS_GET,
     APPS_LIST,
     WORKERS_LIST,
@@ -76,6 +78,7 @@ from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
 from mnemos.messages import (
     CancelJob,
+    ListActors,
     DeployApp,
     GetApp,
     ListApps,
@@ -217,6 +220,7 @@ class ControlPlane:
             APPS_LIST: self._apps_list,
             APPS_GET: self._apps_get,
             APPS_DEPLOY: self._apps_deploy,
+            ACTORS_LIST: self._actors_list,
         })
         self.service = await add_service(
             self.nc,
@@ -724,6 +728,11 @@ class ControlPlane:
     async def _apps_deploy(self, req: Request) -> None:
         body = decode(req.data, DeployApp)
         await self._respond(req, await self._app_directory(req, change=True).deploy(body))
+
+    async def _actors_list(self, req: Request) -> None:
+        q = decode(req.data or b"{}", ListActors)
+        _, _, layout = self._ready()
+        await self._respond(req, await list_actors(layout.actors, q.app))
 
     # ------------------------------------------------------------------ cancel / retry
 

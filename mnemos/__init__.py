@@ -1,6 +1,6 @@
 """MNEMOS wire contract (names, messages, errors) and client SDK."""
 
-from mnemos.app import App, Cls, Function, FunctionCall, batched, configure, enter, method, model_path
+from mnemos.app import Actor, App, Cls, Function, FunctionCall, batched, configure, enter, method, model_path
 from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
 from mnemos.errors import (
@@ -20,6 +20,7 @@ __all__ = [
     "App",
     "Function",
     "Cls",
+    "Actor",
     "FunctionCall",
     "enter",
     "method",

@@ -73,6 +73,9 @@ __all__ = [
     "Cls",
     "Obj",
     "Method",
+    "Actor",
+    "ActorRef",
+    "ActorMethod",
     "FunctionCall",
     "enter",
     "method",
@@ -218,7 +221,7 @@ class App:
         self.requirements = list(requirements)
         self.include = list(include)
         #: What the app defines, by name: :class:`Function` and :class:`Cls` handles.
-        self.members: dict[str, Function | Cls] = {}
+        self.members: dict[str, Function | Cls | Actor] = {}
 
     def __repr__(self) -> str:
         return f"App({self.name!r}, {sorted(self.members)})"
@@ -232,7 +235,7 @@ class App:
         """Every name a job of this app may call."""
         return [t for d in self.definitions for t in d.targets]
 
-    def _add(self, name: str, member: Function | Cls) -> None:
+    def _add(self, name: str, member: Function | Cls | Actor) -> None:
         if name in self.members:
             raise ValueError(f"app {self.name} already defines {name!r}")
         self.members[name] = member
@@ -304,6 +307,44 @@ class App:
                 priority=priority,
             )
             handle = Cls(self.name, definition, raw=user_cls)
+            self._add(user_cls.__name__, handle)
+            return handle
+
+        return decorate
+
+    def actor(
+        self,
+        *,
+        idle_timeout: float = 300.0,
+        checkpoint_interval: float | None = None,
+        timeout: float = 60.0,
+        min_workers: int = 0,
+        max_workers: int = 4,
+    ) -> Callable[[type[Any]], Actor]:
+        """Declare an actor: long-lived, stateful instances addressed by key
+        (``Counter.get("user-42")``). Its public methods are callable; calls to one key
+        run one at a time, in arrival order, in the one process that hosts it. Its state
+        (``vars(self)``, or what ``__getstate__`` returns; JSON) is checkpointed after each
+        call, or at most every ``checkpoint_interval`` seconds, and restored (with
+        ``__setstate__`` if defined, without calling ``__init__``) wherever it is activated
+        next: after ``idle_timeout`` seconds without a call, or after its host died."""
+
+        def decorate(user_cls: type[Any]) -> Actor:
+            methods: list[AppMethod] = []
+            for attr, value in vars(user_cls).items():
+                if attr.startswith("_") or not callable(value) or isinstance(value, staticmethod | classmethod):
+                    continue
+                if _is_stream(value):
+                    raise TypeError(f"{user_cls.__name__}.{attr}: an actor method cannot be a generator")
+                methods.append(AppMethod(name=attr, kind="call"))
+            if not methods:
+                raise TypeError(f"actor {user_cls.__name__} has no public method")
+            definition = _definition(
+                user_cls.__name__, "actor", inspect.getdoc(user_cls) or "", methods=methods, timeout=timeout,
+                idle_timeout=idle_timeout, checkpoint_interval=checkpoint_interval, min_workers=min_workers,
+                max_workers=max_workers,
+            )
+            handle = Actor(self.name, definition, raw=user_cls)
             self._add(user_cls.__name__, handle)
             return handle
 
@@ -582,6 +623,62 @@ class Cls:
         if d is None or d.kind != "class":
             raise MnemosError(f"app {app} has no class {name!r}")
         return cls(app, d)
+
+
+class Actor:
+    """A deployed actor class (``@app.actor``): ``Actor.get(key)`` is the instance with
+    that key, the same one from every client."""
+
+    def __init__(self, app: str, definition: AppDefinition, *, raw: type[Any] | None = None) -> None:
+        self.app = app
+        self.definition = definition
+        #: The user's class (None for a handle looked up by name).
+        self.raw = raw
+
+    def get(self, key: str) -> ActorRef:
+        if not isinstance(key, str) or not 1 <= len(key) <= 256:
+            raise ValueError("an actor key is a string of 1-256 characters")
+        return ActorRef(self, key)
+
+    def __repr__(self) -> str:
+        return f"<Actor {self.app}::{self.definition.name}>"
+
+    @classmethod
+    def from_name(cls, app: str, name: str) -> "Actor":
+        """The actor class ``name`` of the deployed app ``app``."""
+        record = _connections.blocking(lambda: _lookup(app))
+        d = record.definition(name)
+        if d is None or d.kind != "actor":
+            raise MnemosError(f"app {app} has no actor {name!r}")
+        return cls(app, d)
+
+
+class ActorRef:
+    """One actor (class and key): its methods are :class:`ActorMethod` handles."""
+
+    def __init__(self, owner: Actor, key: str) -> None:
+        self.owner = owner
+        self.key = key
+        for m in owner.definition.methods:
+            setattr(self, m.name, ActorMethod(self, m.name))
+
+    def __repr__(self) -> str:
+        return f"<{self.owner.definition.name}({self.key!r}) of app {self.owner.app}>"
+
+
+class ActorMethod:
+    """``.remote(*args)`` (blocking) and ``.remote.aio(*args)``: call the actor's method."""
+
+    def __init__(self, ref: ActorRef, name: str) -> None:
+        self.ref = ref
+        self.name = name
+        self.remote: _Dual[Any] = _Dual(self._remote)
+
+    async def _remote(self, *args: Any, **kwargs: Any) -> Any:
+        client = await _connections.client()
+        owner = self.ref.owner
+        return await client.call_actor(owner.app, owner.definition.name, self.ref.key, self.name, list(args),
+                                       kwargs, timeout=owner.definition.timeout)
 
 
 async def _lookup(app: str) -> AppRecord:

@@ -24,6 +24,7 @@ from nats.js import api as jsapi
 from mnemos.config import NatsSettings
 from mnemos.connection import connect, unavailable_from
 from mnemos.endpoints import (
+    ACTORS_LIST,
     APPS_DEPLOY,
     APPS_GET,
     APPS_LIST,
@@ -44,6 +45,12 @@ from mnemos.endpoints import (
 )
 from mnemos.errors import JobTimeout, NotConnected, Unavailable, ValidationFailed, from_info
 from mnemos.messages import (
+    ActivateActor,
+    ActorActivation,
+    ActorCall,
+    ActorReply,
+    ActorView,
+    ListActors,
     AppDeployed,
     AppRecord,
     DeployApp,
@@ -468,3 +475,55 @@ class Client:
     async def deploy_app(self, body: DeployApp) -> AppDeployed:
         """Make a registered app version live (``mnemos deploy`` pushes it first)."""
         return await self._call(APPS_DEPLOY, body)
+
+    # ------------------------------------------------------------------ actors
+
+    async def call_actor(self, app: str, cls: str, key: str, method: str, args: builtins.list[Any],
+                         kwargs: dict[str, Any], *, timeout: float = 60.0) -> Any:
+        """Call ``method`` of the actor ``cls`` of ``app`` with ``key``: a core request
+        straight to the process that hosts its activation (no JetStream). Nothing answers
+        on its subject: ask a worker to activate it (from its last checkpoint), then call.
+        :class:`JobTimeout` when no answer came within ``timeout``; the method's own error
+        is raised as its :mod:`mnemos.errors` class."""
+        nc = self.nc
+        subject = self.names.actor_subject(Names.actor_token(app, cls, key))
+        payload = encode(ActorCall(method=method, args=args, kwargs=kwargs))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        pause = 0.002
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise JobTimeout(f"actor {cls}({key!r}) of app {app} did not answer within {timeout:g}s")
+            try:
+                msg = await nc.request(subject, payload, timeout=remaining)
+            except nats.errors.NoRespondersError:
+                await self._activate_actor(app, cls, key, remaining)
+                continue
+            except nats.errors.TimeoutError as e:
+                raise JobTimeout(f"actor {cls}({key!r}) of app {app} did not answer within {timeout:g}s") from e
+            reply = decode(msg.data, ActorReply)
+            if reply.retry:  # it is being deactivated: a moment, then wherever it is next
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.1)
+                continue
+            if reply.error is not None:
+                raise from_info(reply.error)
+            return reply.result
+
+    async def _activate_actor(self, app: str, cls: str, key: str, timeout: float) -> ActorActivation:
+        subject = self.names.actor_activate_subject
+        try:
+            msg = await self.nc.request(subject, encode(ActivateActor(app=app, cls=cls, key=key)),
+                                        timeout=max(timeout, 0.001))
+        except nats.errors.NoRespondersError as e:
+            raise Unavailable(f"no worker hosts actors on {subject} (start a worker with the python runtime)") from e
+        except nats.errors.TimeoutError as e:
+            raise JobTimeout(f"activating actor {cls}({key!r}) of app {app} took over {timeout:g}s") from e
+        if msg.headers and HDR_SERVICE_ERROR_CODE in msg.headers:
+            raise from_info(decode(msg.data, ErrorReply).error)
+        return decode(msg.data, ActorActivation)
+
+    async def actors(self, app: str | None = None) -> builtins.list[ActorView]:
+        """The live actor activations (key, host, calls, last call)."""
+        return (await self._call(ACTORS_LIST, ListActors(app=app))).actors

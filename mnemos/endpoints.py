@@ -16,6 +16,8 @@ from typing import Any, Generic, TypeVar
 
 from mnemos.errors import Internal
 from mnemos.messages import (
+    ActorList,
+    ListActors,
     AppDeployed,
     AppList,
     AppRecord,
@@ -63,6 +65,7 @@ __all__ = [
     "APPS_LIST",
     "APPS_GET",
     "APPS_DEPLOY",
+    "ACTORS_LIST",
     "bind",
     "endpoint",
 ]
@@ -119,11 +122,14 @@ APPS_LIST = Endpoint("apps.list", ListApps, AppList, "The deployed apps.", body_
 APPS_GET = Endpoint("apps.get", GetApp, AppRecord, "A deployed app: its live version and definitions.")
 APPS_DEPLOY = Endpoint("apps.deploy", DeployApp, AppDeployed,
                        "Make a registered app version live and size its pool (a no-op if it already is).")
+ACTORS_LIST = Endpoint("actors.list", ListActors, ActorList,
+                       "The live actor activations: key, host, calls, last call.", body_optional=True)
 
 #: Every endpoint, in the order docs/api.md lists them.
 ENDPOINTS: tuple[Endpoint[Any, Any], ...] = (
     JOBS_SUBMIT, JOBS_RUN, JOBS_GET, JOBS_LIST, JOBS_CANCEL, JOBS_RETRY, WORKERS_LIST, MODELS_LIST, MODELS_GET,
     POOLS_LIST, POOLS_GET, POOLS_SET, POOLS_DELETE, APPS_LIST, APPS_GET, APPS_DEPLOY,
+    ACTORS_LIST,
 )
 
 _BY_NAME: dict[str, Endpoint[Any, Any]] = {e.name: e for e in ENDPOINTS}

@@ -48,6 +48,8 @@ class Layout:
     autoscaler: KeyValue
     #: Deployed apps (``AppRecord`` by app name: the live version and its definitions).
     apps: KeyValue
+    #: Actors' activations and checkpoints.
+    actors: KeyValue
 
 
 async def _ensure_stream(js: JetStreamContext, config: jsapi.StreamConfig, update: bool) -> None:
@@ -210,5 +212,17 @@ async def ensure_layout(
             direct=o.replicas == 1,
         ),
     )
+    actors = await _ensure_kv(
+        js,
+        jsapi.KeyValueConfig(
+            bucket=names.actors_bucket,
+            description="MNEMOS actors: act.<token> the live activation, state.<token> its checkpoint",
+            history=1,
+            storage=jsapi.StorageType.FILE,
+            replicas=o.replicas,
+            # An activation is read right before its compare-and-set: from the leader.
+            direct=o.replicas == 1,
+        ),
+    )
     return Layout(names=names, jobs=jobs, workers=workers, models=models, idempotency=idempotency,
-                  pools=pools, autoscaler=autoscaler, apps=apps)
+                  pools=pools, autoscaler=autoscaler, apps=apps, actors=actors)

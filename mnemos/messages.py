@@ -16,8 +16,8 @@ from typing import Annotated, Any, Literal, TypeVar
 import msgspec
 from msgspec import Meta, Struct, field
 
-from mnemos.errors import ErrorInfo, InvalidJSON, ValidationFailed
-from mnemos.names import RUNTIMES
+from mnemos.errors import ErrorInfo, InvalidJSON, MnemosError, ValidationFailed
+from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE, RUNTIMES
 
 __all__ = [
     "JobStatus",
@@ -85,7 +85,17 @@ __all__ = [
     "GetApp",
     "ListApps",
     "AppList",
+    "ActorKey",
+    "ActorCall",
+    "ActorReply",
+    "ActivateActor",
+    "ActorActivation",
+    "ActorState",
+    "ListActors",
+    "ActorView",
+    "ActorList",
     "encode",
+    "error_envelope",
     "decode",
     "new_job_id",
     "utcnow",
@@ -725,7 +735,7 @@ class AppDefinition(_Strict):
     """A function or class of an app with the settings it was declared with."""
 
     name: Identifier
-    kind: Literal["function", "class"]
+    kind: Literal["function", "class", "actor"]
     #: A function's own kind (``call`` or ``stream``); a class's methods.
     function_kind: Literal["call", "stream"] = "call"
     methods: Annotated[list[AppMethod], Meta(max_length=256)] = field(default_factory=list)
@@ -744,12 +754,20 @@ class AppDefinition(_Strict):
     #: ``any`` or a GPU model name (``H100``): the worker must have one.
     gpu: Annotated[str, Meta(max_length=64)] | None = None
     description: Annotated[str, Meta(max_length=1024)] = ""
+    #: An actor is deactivated (its state checkpointed, its activation removed) after
+    #: this long without a call.
+    idle_timeout: Annotated[float, Meta(gt=0, le=7 * 86_400)] = 300.0
+    #: An actor's state is checkpointed after each call (None), or at most this often.
+    checkpoint_interval: Annotated[float, Meta(gt=0, le=86_400)] | None = None
 
     @property
     def targets(self) -> list[str]:
-        """The names jobs call: ``add``, or ``Generator.generate`` for each method."""
+        """The names jobs call: ``add``, or ``Generator.generate`` for each method (an
+        actor's methods are called on its activation, not as jobs)."""
         if self.kind == "function":
             return [self.name]
+        if self.kind == "actor":
+            return []
         return [f"{self.name}.{m.name}" for m in self.methods]
 
 
@@ -803,10 +821,87 @@ class AppList(_Strict, tag="io.mnemos.v1.app_list", tag_field="type"):
     apps: list[AppRecord]
 
 
+# ----------------------------------------------------------------------------- actors
+
+ActorKey = Annotated[str, Meta(min_length=1, max_length=256)]
+
+
+class ActorCall(_Strict):
+    """One call of an actor's method (core request/reply to its activation's subject)."""
+
+    method: Identifier
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+class ActorReply(_Strict):
+    result: Any = None
+    error: ErrorInfo | None = None
+    #: The activation is being deactivated: call again (it answers from its next home).
+    retry: bool = False
+
+
+class ActivateActor(_Strict):
+    """Ask the workers (one of them, by queue group) to activate an actor unless it is."""
+
+    app: AppName
+    cls: Identifier
+    key: ActorKey
+
+
+class ActorActivation(_Strict, tag="io.mnemos.v1.actor_activation", tag_field="type"):
+    """The one live activation of an actor: ``mnemos_actors.act.<token>``, claimed with a
+    create (compare-and-set), taken over only from a holder that no longer answers."""
+
+    app: AppName
+    cls: Identifier
+    key: ActorKey
+    version: Version
+    worker_id: str
+    subject: str
+    activated_at: datetime
+    pid: int | None = None
+
+
+class ActorState(_Strict, tag="io.mnemos.v1.actor_state", tag_field="type"):
+    """An actor's last checkpoint: ``mnemos_actors.state.<token>``."""
+
+    app: AppName
+    cls: Identifier
+    key: ActorKey
+    state: Any
+    saved_at: datetime
+    calls: NonNegInt = 0
+    last_call_at: datetime | None = None
+
+
+class ListActors(_Strict):
+    app: AppName | None = None
+
+
+class ActorView(_Strict):
+    """A live activation, with what its last checkpoint says."""
+
+    activation: ActorActivation
+    calls: NonNegInt = 0
+    last_call_at: datetime | None = None
+
+
+class ActorList(_Strict, tag="io.mnemos.v1.actor_list", tag_field="type"):
+    actors: list[ActorView]
+
+
 # ----------------------------------------------------------------------------- codec
 
 _encoder = msgspec.json.Encoder()
 T = TypeVar("T")
+
+
+def error_envelope(error: MnemosError) -> tuple[bytes, dict[str, str]]:
+    """The one error envelope as a NATS reply: an ``ErrorReply`` body and the micro
+    service's error headers (what ``Client`` turns back into the error class)."""
+    return encode(ErrorReply(error=error.info())), {HDR_SERVICE_ERROR: error.message,
+                                                     HDR_SERVICE_ERROR_CODE: str(error.status)}
 
 
 def encode(msg: Any) -> bytes:

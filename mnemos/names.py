@@ -7,6 +7,7 @@ share one NATS server stay apart (``t3f9a_jobs`` instead of ``mnemos_jobs``).
 
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass
 
@@ -22,6 +23,7 @@ __all__ = [
     "HDR_SERVICE_ERROR_CODE",
     "HDR_MSG_TTL",
     "HDR_TENANT",
+    "HDR_PING",
     "model_token",
     "model_key",
     "model_name",
@@ -45,6 +47,8 @@ HDR_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
 #: The tenant a request acts for (set by the HTTP gateway from the API key, or by a
 #: service's client). A request with it sees and changes only that tenant's jobs.
 HDR_TENANT = "Mnemos-Tenant"
+#: On a request to an actor's subject: "are you there?" (answered without a call).
+HDR_PING = "Mnemos-Ping"
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
@@ -117,6 +121,41 @@ class Names:
     def app_pool(app: str) -> str:
         """The autoscaler pool ``mnemos deploy`` keeps for an app's calls."""
         return f"app-{app}"
+
+    @property
+    def actors_bucket(self) -> str:
+        """Actors: ``act.<token>`` their live activation, ``state.<token>`` their checkpoint."""
+        return f"{self.prefix}_actors"
+
+    @staticmethod
+    def actor_token(app: str, cls: str, key: str) -> str:
+        """One subject token and KV key part per actor (its key may hold any character)."""
+        return hashlib.sha256(f"{app}\x00{cls}\x00{key}".encode()).hexdigest()[:32]
+
+    @staticmethod
+    def actor_activation_key(token: str) -> str:
+        return f"act.{token}"
+
+    @staticmethod
+    def actor_state_key(token: str) -> str:
+        return f"state.{token}"
+
+    def actor_subject(self, token: str) -> str:
+        """Core subject the activation's process answers calls on (no JetStream)."""
+        return f"{self.prefix}.actor.{token}"
+
+    @property
+    def actor_activate_subject(self) -> str:
+        """Workers (one per request, by queue group) activate actors asked for here."""
+        return f"{self.prefix}.actors.activate"
+
+    def worker_actors_subject(self, worker_id: str) -> str:
+        """A worker answers here whether it hosts (or is activating) an actor token."""
+        return f"{self.prefix}.worker.{worker_id}.actors"
+
+    @property
+    def actors_queue_group(self) -> str:
+        return f"{self.prefix}-actors"
 
     @property
     def autoscaler_bucket(self) -> str:

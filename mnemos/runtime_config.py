@@ -114,8 +114,6 @@ class PythonConfig(_Config, frozen=True):
             raise ValueError("a dotted function (Class.method) needs isolation 'process'")
         if self.requirements and self.isolation != "process":
             raise ValueError("requirements need isolation 'process' (an app)")
-        if self.isolation == "process" and not self.functions:
-            raise ValueError("an app (isolation 'process') declares its functions")
         if self.function is not None and self.function not in self.callable_names:
             raise UnknownFunction(
                 f"function {self.function!r} is not declared by the model; it declares: "
@@ -136,7 +134,7 @@ class PythonConfig(_Config, frozen=True):
         """``module:function`` actually called (``function`` picks a declared one)."""
         module, _, name = self.entrypoint.rpartition(":")
         if self.isolation == "process":
-            return f"{module}:{self.function or self.functions[0]}"
+            return f"{module}:{self.function or (self.functions[0] if self.functions else '')}"
         return f"{module}:{self.function or name}"
 
 

@@ -42,8 +42,11 @@ import msgspec
 
 import mnemos.app as mnemos_app
 from mnemos.app import App, Cls, Function
+from mnemos.errors import MnemosError
 from mnemos.messages import AppDefinition, AppMethod
+from neuron_runtime.app_actors import ActorHost
 from neuron_runtime.app_protocol import (
+    Activate,
     Call,
     Cancel,
     Cancelled,
@@ -190,24 +193,54 @@ class Child:
         self.paths: dict[int, asyncio.Future[PathReply]] = {}
         self.path_ids = itertools.count(1)
         self.threads = ThreadPoolExecutor(max_workers=256, thread_name_prefix="app")
+        self.actors = ActorHost(app.name, app.members, self.send)
 
     def send(self, frame: Any) -> None:
         if self.writer is not None and not self.writer.is_closing():
-            write_frame(self.writer, frame)
+            try:
+                write_frame(self.writer, frame)
+            except (ConnectionError, RuntimeError):
+                pass  # the worker is gone: the serve loop ends at its next read
 
     async def serve(self, import_ms: float) -> None:
         reader, self.writer = await asyncio.open_unix_connection(sock=self.sock)
         mnemos_app._model_path_hook = self.model_path
         self.send(Ready(pid=os.getpid(), import_ms=import_ms))
-        while (frame := await read_frame(reader, parent=False)) is not None:
+        while (frame := await self._next(reader)) is not None:
             if isinstance(frame, Call):
                 self.tasks[frame.id] = asyncio.create_task(self.call(frame), name=f"call-{frame.id}")
             elif isinstance(frame, Cancel):
                 self.cancel(frame.id)
+            elif isinstance(frame, Activate):
+                self.tasks[frame.id] = asyncio.create_task(self.activate(frame), name=f"activate-{frame.id}")
             elif isinstance(frame, PathReply):
                 waiter = self.paths.pop(frame.id, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(frame)
+        # The worker closed the socket (it stops this process, or it died): the actors
+        # here write their last state and step down, so the next call finds them elsewhere.
+        await self.actors.shutdown("the worker let go of this process")
+
+    @staticmethod
+    async def _next(reader: asyncio.StreamReader) -> Any:
+        try:
+            return await read_frame(reader, parent=False)
+        except ConnectionError:
+            return None  # the worker is gone
+
+    async def activate(self, frame: Activate) -> None:
+        started = time.perf_counter()
+        try:
+            pid = await self.actors.activate(frame, self.in_thread)
+            self.send(Done(id=frame.id, result=pid, exec_ms=(time.perf_counter() - started) * 1000.0))
+        except MnemosError as e:
+            self.send(Failed(id=frame.id, code=e.code, message=e.message, retryable=e.retryable))
+        except Exception as e:  # noqa: BLE001 - the actor's __init__ (or its state) failed
+            self.send(Failed(id=frame.id, code="execution_error", message=f"activating {frame.cls} raised "
+                             f"{type(e).__name__}: {e}", exception_type=type(e).__name__,
+                             traceback="".join(traceback.format_exception(e))))
+        finally:
+            self.tasks.pop(frame.id, None)
 
     # ------------------------------------------------------------------ model files
 

@@ -27,15 +27,20 @@ import tempfile
 import time
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
+
+import msgspec
 
 from mnemos.errors import ExecutionError, JobCancelled, MnemosError, ModelLoadError, ValidationFailed, from_info
 from mnemos.messages import ErrorInfo, JobOutput, ModelRecord
 from mnemos.runtime_config import PythonConfig
 from neuron_runtime.app_protocol import (
+    Activate,
     Call,
     Cancel,
     Cancelled,
+    Deactivated,
     Done,
     Failed,
     Item,
@@ -67,6 +72,11 @@ class AppServices(Protocol):
     def checkout(self, record: ModelRecord) -> AbstractAsyncContextManager[Any]: ...
 
     async def resolve(self, name: str) -> ModelRecord: ...
+
+    @property
+    def nats_env(self) -> dict[str, str]:
+        """``MNEMOS_*`` variables for the child's own NATS connection (its actors)."""
+        ...
 
 
 class _Died:
@@ -171,19 +181,25 @@ class AppHost:
         self._env: Path | None = None
         self._paths: dict[str, str] = {}
         self.starts = 0
+        #: Tokens of the actors the child hosts (they keep the host, as handles do).
+        self.actors: set[str] = set()
+        #: Called when the host may have become unused (an actor went away).
+        self.on_release: Callable[[AppHost], Coroutine[Any, Any, None]] | None = None
 
     @property
     def pid(self) -> int | None:
         p = self._process
         return p.pid if p is not None and p.dead is None else None
 
-    async def prepare(self, model_dir: Path) -> None:
+    async def prepare(self, model_dir: Path | None) -> None:
         """Keep the app's files and environment for this host's life (the pool's load)."""
         if self.services is not None:
             cached = await self._pins.enter_async_context(self.services.checkout(self.record))
             self._directory = Path(cached.path)
             self._env = await ensure_env(self.services.root, self.config.requirements)
         else:
+            if model_dir is None:
+                raise ModelLoadError(f"no directory for {self.record.name}: the runtime is not attached to a worker")
             self._directory = Path(model_dir)
             self._env = await ensure_env(Path(tempfile.gettempdir()) / "mnemos", self.config.requirements)
 
@@ -203,6 +219,8 @@ class AppHost:
         module, _, variable = self.config.entrypoint.rpartition(":")
         parent_sock, child_sock = socket.socketpair()
         env = dict(os.environ)
+        if self.services is not None:
+            env.update(self.services.nats_env)
         if self._env is not None:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self._env), env.get("PYTHONPATH", "")) if p)
         try:
@@ -241,6 +259,10 @@ class AppHost:
                 if isinstance(frame, PathRequest):
                     asyncio.create_task(self._answer_path(process, frame), name=f"app-path-{frame.id}")
                     continue
+                if isinstance(frame, Deactivated):
+                    self.actors.discard(frame.token)
+                    self._released()
+                    continue
                 queue = process.calls.get(frame.id)
                 if queue is not None:
                     queue.put_nowait(frame)
@@ -257,6 +279,15 @@ class AppHost:
                         process.dead, len(process.calls))
         for queue in process.calls.values():
             queue.put_nowait(_Died(process.dead))
+        if self.actors:  # they died with it; the next call activates them elsewhere
+            log.warning("app process %d of %s %s: its actors %d are gone", process.pid, self.record.name,
+                        process.dead, len(self.actors))
+            self.actors.clear()
+            self._released()
+
+    def _released(self) -> None:
+        if self.on_release is not None:
+            asyncio.create_task(self.on_release(self), name=f"app-release-{self.record.name}")
 
     async def _answer_path(self, process: _Process, frame: PathRequest) -> None:
         reply = PathReply(id=frame.id)
@@ -322,6 +353,29 @@ class AppHost:
         assert isinstance(frame, _Died)
         raise ExecutionError(f"the app process of {self.record.name} {frame.reason} while running {target}",
                              details={"app_pid": process.pid})
+
+    async def activate(self, activation: Activate) -> int:
+        """Hand an actor to the child; the pid that serves it."""
+        await self.ensure_started()
+        process = self._process
+        assert process is not None
+        call_id = next(self._ids)
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        process.calls[call_id] = queue
+        self.actors.add(activation.token)
+        try:
+            write_frame(process.writer, msgspec.structs.replace(activation, id=call_id))
+            frame = await queue.get()
+        finally:
+            process.calls.pop(call_id, None)
+        if isinstance(frame, Done):
+            return int(frame.result)
+        self.actors.discard(activation.token)
+        if isinstance(frame, Failed):
+            raise from_info(ErrorInfo(code=frame.code, message=frame.message, retryable=frame.retryable,
+                                      details={"traceback": frame.traceback} if frame.traceback else {}))
+        raise ExecutionError(f"the app process of {self.record.name} {getattr(frame, 'reason', 'failed')} "
+                             f"while activating {activation.cls}")
 
     async def _stop_when_cancelled(self, ctx: ExecutionContext, process: _Process, call_id: int) -> None:
         """On cancel or timeout: ask the child to stop the call; kill it if it does not."""

@@ -16,8 +16,8 @@ import msgspec
 from msgspec import Struct
 
 __all__ = [
-    "Call", "Cancel", "PathReply", "Ready", "Item", "Done", "Failed", "Cancelled", "PathRequest",
-    "ToChild", "ToParent", "write_frame", "read_frame",
+    "Call", "Cancel", "PathReply", "Activate", "Deactivated", "Ready", "Item", "Done", "Failed", "Cancelled",
+    "PathRequest", "ToChild", "ToParent", "write_frame", "read_frame",
 ]
 
 #: The largest frame either side accepts (a NATS message is smaller still).
@@ -43,6 +43,31 @@ class PathReply(_Frame, tag="path_reply"):
     id: int
     path: str | None = None
     error: str | None = None
+
+
+class Activate(_Frame, tag="activate"):
+    """Host the actor ``cls``/``key``: answer calls on ``subject`` (the child's own NATS
+    connection), checkpoint to ``state_key`` (compare-and-set from ``state_revision``) and
+    remove ``activation_key`` (at ``activation_revision``) when deactivated."""
+
+    id: int
+    cls: str
+    key: str
+    token: str
+    subject: str
+    activation_key: str
+    activation_revision: int
+    state_key: str
+    state_revision: int
+    #: The last checkpoint's state (restored without ``__init__``); absent: a new actor.
+    has_state: bool = False
+    state: Any = None
+    calls: int = 0
+
+
+class Deactivated(_Frame, tag="deactivated"):
+    token: str
+    reason: str
 
 
 class Ready(_Frame, tag="ready"):
@@ -85,8 +110,8 @@ class PathRequest(_Frame, tag="path"):
     model: str
 
 
-ToChild = Call | Cancel | PathReply
-ToParent = Ready | Item | Done | Failed | Cancelled | PathRequest
+ToChild = Call | Cancel | PathReply | Activate
+ToParent = Ready | Item | Done | Failed | Cancelled | PathRequest | Deactivated
 
 _encoder = msgspec.msgpack.Encoder()
 _to_child = msgspec.msgpack.Decoder(ToChild)

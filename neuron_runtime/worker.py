@@ -38,7 +38,6 @@ from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.messages import (
-    ErrorReply,
     JobRecord,
     ModelRecord,
     WorkerCommand,
@@ -46,11 +45,13 @@ from mnemos.messages import (
     WorkerStatus,
     decode,
     encode,
+    error_envelope,
     utcnow,
 )
 from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
-from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE, Names
+from mnemos.names import Names
 from mnemos.tasks import Supervisor
+from neuron_runtime.actors import ActorPlacement
 from neuron_runtime.cache import DiskCache
 from neuron_runtime.config import WorkerSettings
 from neuron_runtime.executor import Executor
@@ -60,6 +61,7 @@ from neuron_runtime.puller import PriorityPuller
 from neuron_runtime.resources import ResourceMonitor
 from neuron_runtime.runtimes import RUNTIME_CLASSES
 from neuron_runtime.runtimes.base import Runtime
+from neuron_runtime.runtimes.python import PythonRuntime
 from registry.config import RegistrySettings
 from registry.store import open_store
 
@@ -75,9 +77,17 @@ _IDLE_LONG_POLL_S = 0.1
 class _Services:
     """The disk cache and catalog, as an app process's host asks for them."""
 
-    def __init__(self, disk: DiskCache, catalog: ModelCatalog) -> None:
+    def __init__(self, disk: DiskCache, catalog: ModelCatalog, nats: NatsSettings) -> None:
         self.disk = disk
         self.catalog = catalog
+        self.nats = nats
+
+    @property
+    def nats_env(self) -> dict[str, str]:
+        env = {"MNEMOS_NATS_URL": self.nats.nats_url, "MNEMOS_NAMESPACE": self.nats.namespace}
+        if self.nats.nats_creds:
+            env["MNEMOS_NATS_CREDS"] = self.nats.nats_creds
+        return env
 
     @property
     def root(self) -> Path:
@@ -142,6 +152,8 @@ class Worker:
         self._record_lock = asyncio.Lock()
         self._heartbeat_now: asyncio.Task[Any] | None = None
         self._subs: list[Subscription] = []
+        self.actor_placement: ActorPlacement | None = None
+        self._activations: list[Subscription] = []
         self._fatal: BaseException | None = None
         self._registered = False  # its first record is written: it leaves a last one
         self._started = False
@@ -239,7 +251,7 @@ class Worker:
             open_store=lambda location: open_store(location, self.js, self.registry_settings),
         )
         for runtime in self.runtimes.values():
-            runtime.attach(_Services(disk, self.catalog))
+            runtime.attach(_Services(disk, self.catalog, self.nats_settings))
         self.pool = ModelPool(
             self.runtimes,
             disk,
@@ -266,6 +278,11 @@ class Worker:
         self._subs.append(
             await self.nc.subscribe(self.names.worker_control_subject(self.worker_id), cb=self._on_control)
         )
+        python = self.runtimes.get("python")
+        if isinstance(python, PythonRuntime):
+            self.actor_placement = ActorPlacement(self.nc, self.names, self.layout, python, self.catalog,
+                                                  self.worker_id)
+            self._activations = await self.actor_placement.start()
         await self.puller.start()
         self._enter("busy" if self._active else "idle", publish=False)  # a job may be in already
         await self._write_record()
@@ -289,6 +306,8 @@ class Worker:
         await self.supervisor.stop("pull")
         if self.puller is not None:
             await self.puller.stop()
+        for sub in self._activations[:1]:  # no new actors here; those here move when it stops
+            await sub.unsubscribe()
         if self._jobs:
             log.info("draining: waiting up to %.0fs for %d job(s)", self.settings.drain_timeout_s, len(self._jobs))
             await asyncio.wait(set(self._jobs), timeout=self.settings.drain_timeout_s)
@@ -311,7 +330,7 @@ class Worker:
         """Release what :meth:`_start` set up, in reverse; a partial start included."""
         await self.supervisor.stop("heartbeat")
         await self.supervisor.stop("in-progress")
-        for sub in self._subs:
+        for sub in [*self._subs, *self._activations[1:]]:
             try:
                 await sub.unsubscribe()
             except Exception as e:  # noqa: BLE001 - the connection may be gone (an error exit)
@@ -510,8 +529,8 @@ class Worker:
             cmd = decode(msg.data, WorkerCommand)
         except MnemosError as e:
             if msg.reply:  # the one error envelope, as the control plane's micro errors
-                await self.nc.publish(msg.reply, encode(ErrorReply(error=e.info())),
-                                      headers={HDR_SERVICE_ERROR: e.message, HDR_SERVICE_ERROR_CODE: str(e.status)})
+                body, headers = error_envelope(e)
+                await self.nc.publish(msg.reply, body, headers=headers)
             return
         if cmd.command in ("pause", "resume"):
             self._set_paused(cmd.command == "pause")

@@ -275,3 +275,31 @@ def worker_process(nats_settings, tmp_path: Path) -> Iterator:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture
+async def app_stack(nats_settings: Any, control_plane: Any, start_worker: Any, tmp_path: Path
+                    ) -> AsyncIterator[Callable[..., Any]]:
+    """``up(**app_options)`` deploys the app (tests/appkit.py) and returns its module;
+    the handles call this namespace; the first ``up`` starts ``workers`` in-process
+    workers (python runtime, 16 slots)."""
+    import mnemos
+
+    mnemos.configure(nats_settings)
+    started = False
+
+    async def up(workers: int = 1, **app_options: Any) -> Any:
+        nonlocal started
+        from launchers.deploy import deploy, load_app_file
+        from tests.appkit import write_app
+
+        path = write_app(tmp_path, **app_options)
+        await deploy(nats_settings, path)
+        if not started:
+            for _ in range(workers):
+                await start_worker(runtimes=["python"], max_concurrent_jobs=16)
+            started = True
+        return load_app_file(path).module
+
+    yield up
+    mnemos.configure(None)

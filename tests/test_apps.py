@@ -8,9 +8,7 @@ real control plane and a real worker whose app processes are real child processe
 from __future__ import annotations
 
 import asyncio
-import textwrap
 import zipfile
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,122 +16,11 @@ import httpx
 import msgspec
 import pytest
 
-import mnemos
 from launchers.deploy import deploy, load_app_file
 from tests.conftest import assert_eventually
 from mnemos.client import Client, job_spec
 from mnemos.errors import AppNotFound, ExecutionError, Forbidden, JobTimeout, ValidationFailed
 from mnemos.messages import DeployApp, RetryPolicy
-
-APP = '''
-import asyncio
-import ctypes
-import os
-import time
-
-import mnemos
-
-app = mnemos.App("calc", requirements=REQUIREMENTS)
-
-
-@app.function(timeout=30, max_concurrency=8)
-def add(a: int, b: int = 0) -> int:
-    return a + b
-
-
-@app.function(max_concurrency=8)
-def pid() -> int:
-    return os.getpid()
-
-
-@app.function(max_concurrency=8)
-def maybe_fail(x: int) -> int:
-    if x < 0:
-        raise ValueError(f"negative: {x}")
-    return x * 10
-
-
-@app.function(max_concurrency=8)
-def words(n: int):
-    for i in range(n):
-        yield f"w{i}"
-
-
-@app.function(max_concurrency=8)
-async def ticks(n: int):
-    for i in range(n):
-        await asyncio.sleep(0)
-        yield {"tick": i}
-
-
-@app.function(max_concurrency=8, timeout=300)
-def sleepy(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
-
-
-@app.function(max_concurrency=8, timeout=1)
-def hang() -> None:
-    time.sleep(120)
-
-
-@app.function(max_concurrency=8)
-def crash(how: str) -> None:
-    if how == "segfault":
-        ctypes.string_at(0)  # a real segmentation fault, as a broken extension has
-    os._exit(3)
-
-
-@app.function()
-def version() -> str:
-    return VERSION
-
-
-@app.cls(max_concurrency=16)
-class Model:
-    @mnemos.enter()
-    def load(self) -> None:
-        time.sleep(0.3)
-        self.entered = getattr(self, "entered", 0) + 1
-        self.factor = 10
-
-    @mnemos.method()
-    def scale(self, x: int) -> list[int]:
-        return [x * self.factor, self.entered, os.getpid()]
-
-    @mnemos.batched(max_batch_size=8, wait_ms=30000)
-    def batch(self, xs: list[int]) -> list[int]:
-        return [x + 1000 * len(xs) for x in xs]
-'''
-
-
-def write_app(directory: Path, *, version: str = "v1", requirements: list[str] | None = None,
-              extra: str = "") -> Path:
-    source = APP.replace("REQUIREMENTS", repr(requirements or [])) + f"\nVERSION = {version!r}\n" + extra
-    path = directory / "calc_app.py"
-    path.write_text(textwrap.dedent(source))
-    return path
-
-
-@pytest.fixture
-async def app_stack(nats_settings: Any, control_plane: Any, start_worker: Any, tmp_path: Path
-                    ) -> AsyncIterator[Callable[..., Any]]:
-    """Deploy the app; configure the handles for this namespace; start one worker."""
-    mnemos.configure(nats_settings)
-    started = False
-
-    async def up(**app_options: Any) -> Any:
-        nonlocal started
-        path = write_app(tmp_path, **app_options)
-        await deploy(nats_settings, path)
-        if not started:
-            await start_worker(runtimes=["python"], max_concurrent_jobs=16)
-            started = True
-        return load_app_file(path).module
-
-    yield up
-    mnemos.configure(None)
-
 
 async def test_every_call_form(app_stack: Any, client: Client, start_gateway: Any) -> None:
     calc = await app_stack()

@@ -302,12 +302,19 @@ class PythonRuntime(Runtime):
         logger.info("loaded %s -> %s", model.name, config.target)
         return PythonFunction(model, fn, config, module_name)
 
-    async def _load_app(self, model: ModelRecord, model_dir: Path, config: PythonConfig) -> AppCall:
+    async def _load_app(self, model: ModelRecord, model_dir: Path | None, config: PythonConfig) -> AppCall:
+        host = await self.host_for(model, config, model_dir)
+        return AppCall(model, config, host, self.release)
+
+    async def host_for(self, model: ModelRecord, config: PythonConfig, model_dir: Path | None = None) -> AppHost:
+        """The host of ``model``'s app process (started if needed), with one more handle on
+        it: give it back with :meth:`release` (actors are counted by the host itself)."""
         key = (model.family, model.version)
         async with self._hosts_lock:
             host = self._hosts.get(key)
             if host is None:
                 host = AppHost(model, msgspec.structs.replace(config, function=None), self._services)
+                host.on_release = self._maybe_close
                 try:
                     await host.prepare(model_dir)
                     await host.ensure_started()
@@ -316,17 +323,26 @@ class PythonRuntime(Runtime):
                     raise
                 self._hosts[key] = host
             host.refs += 1
-        return AppCall(model, config, host, self._release)
+        return host
 
-    async def _release(self, host: AppHost) -> None:
-        """One handle fewer; the last one stops the app process."""
+    async def release(self, host: AppHost) -> None:
+        """One handle fewer."""
         async with self._hosts_lock:
             host.refs -= 1
-            if host.refs > 0:
+        await self._maybe_close(host)
+
+    async def _maybe_close(self, host: AppHost) -> None:
+        """Stop the app process once no handle and no actor uses it."""
+        async with self._hosts_lock:
+            if host.refs > 0 or host.actors or self._hosts.get((host.record.family, host.record.version)) is not host:
                 return
             self._hosts.pop((host.record.family, host.record.version), None)
         await host.close()
         logger.info("stopped the app process of %s", host.record.name)
+
+    def hosts_actor(self, token: str) -> bool:
+        """Whether an app process of this worker hosts the actor ``token``."""
+        return any(token in host.actors for host in self._hosts.values())
 
     async def close(self) -> None:
         async with self._hosts_lock:
