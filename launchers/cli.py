@@ -801,6 +801,29 @@ def apps_get(obj: _Ctx, name: str) -> None:
 
 
 @cli.group()
+def actors() -> None:
+    """The live actor activations (apps' @app.actor classes)."""
+
+
+@actors.command("ls")
+@click.option("--app", "app_name", default=None, help="Only this app's actors.")
+@click.pass_obj
+def actors_ls(obj: _Ctx, app_name: str | None) -> None:
+    """List live activations: actor, key, the worker hosting it, calls, last call."""
+    found = _client_call(obj, lambda c: c.actors(app_name))
+    if obj.output == "json":
+        click.echo(encode(found).decode())
+        return
+    t = Table("app", "actor", "key", "worker", "calls", "last call", "since", box=box.SIMPLE_HEAD, show_edge=False)
+    for view in found:
+        a = view.activation
+        t.add_row(a.app, a.cls, a.key, a.worker_id, str(view.calls),
+                  view.last_call_at.strftime("%H:%M:%S") if view.last_call_at else "-",
+                  a.activated_at.strftime("%H:%M:%S"))
+    console.print(t)
+
+
+@cli.group()
 def models() -> None:
     """The model registry."""
 

@@ -1,4 +1,4 @@
-"""``python -m loadtest bench noop|stream|http|coldstart|burst`` and ``python -m loadtest chaos``
+"""``python -m loadtest bench noop|stream|http|coldstart|burst|actor|batch`` and ``python -m loadtest chaos``
 (see loadtest/bench.py, loadtest/autoscale_bench.py and docs/benchmarks.md)."""
 
 from __future__ import annotations
@@ -70,6 +70,15 @@ def main(argv: list[str] | None = None) -> int:
                        help="run a standby autoscaler and SIGKILL the acting one mid-burst")
     burst.add_argument("--out", type=Path, default=Path("burst"), help="writes OUT.json and OUT.png")
     burst.add_argument("--json", action="store_true")
+    actor = kinds.add_parser("actor", help="calls to one actor: calls/s and round-trip latency (vs Ray's)")
+    actor.add_argument("--n", type=int, default=20_000)
+    actor.add_argument("--window", type=int, default=256, help="calls in flight")
+    actor.add_argument("--roundtrips", type=int, default=500)
+    actor.add_argument("--json", action="store_true")
+    batch = kinds.add_parser("batch", help="the demo app's batched embed against one text per call")
+    batch.add_argument("--callers", type=int, default=8)
+    batch.add_argument("--calls", type=int, default=50, help="per caller and method")
+    batch.add_argument("--json", action="store_true")
     chaos = sub.add_parser("chaos", help="jobs under faults: lost / duplicated summary")
     chaos.add_argument("--jobs", type=int, default=5000)
     chaos.add_argument("--workers", type=int, default=3)
@@ -115,6 +124,15 @@ def main(argv: list[str] | None = None) -> int:
             print("starting a local stack with the autoscaler at zero workers ...", flush=True)
             with local_stack(workers=0, slots=args.slots, autoscale=True, max_workers=args.max_workers) as stack:
                 result = asyncio.run(bench_burst(stack.settings, stack, burst_options))
+    elif args.kind in ("actor", "batch"):
+        from loadtest.apps_bench import ActorOptions, BatchOptions, bench_actor, bench_batch
+
+        print("starting a local stack (1 worker, 16 slots) ...", flush=True)
+        with local_stack(workers=1, slots=16) as stack:
+            if args.kind == "actor":
+                result = asyncio.run(bench_actor(stack.settings, ActorOptions(args.n, args.window, args.roundtrips)))
+            else:
+                result = asyncio.run(bench_batch(stack.settings, BatchOptions(args.callers, args.calls)))
     elif args.kind == "http":
         from loadtest.http_bench import HttpOptions, bench_http
 

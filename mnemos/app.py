@@ -318,7 +318,7 @@ class App:
         idle_timeout: float = 300.0,
         checkpoint_interval: float | None = None,
         timeout: float = 60.0,
-        min_workers: int = 0,
+        min_workers: int = 1,
         max_workers: int = 4,
     ) -> Callable[[type[Any]], Actor]:
         """Declare an actor: long-lived, stateful instances addressed by key
@@ -327,7 +327,9 @@ class App:
         (``vars(self)``, or what ``__getstate__`` returns; JSON) is checkpointed after each
         call, or at most every ``checkpoint_interval`` seconds, and restored (with
         ``__setstate__`` if defined, without calling ``__init__``) wherever it is activated
-        next: after ``idle_timeout`` seconds without a call, or after its host died."""
+        next: after ``idle_timeout`` seconds without a call, or after its host died.
+        ``min_workers`` (1) keeps a worker up for the app's actors (they are not queued
+        jobs, so they do not scale a pool from zero)."""
 
         def decorate(user_cls: type[Any]) -> Actor:
             methods: list[AppMethod] = []

@@ -482,9 +482,10 @@ class Client:
                          kwargs: dict[str, Any], *, timeout: float = 60.0) -> Any:
         """Call ``method`` of the actor ``cls`` of ``app`` with ``key``: a core request
         straight to the process that hosts its activation (no JetStream). Nothing answers
-        on its subject: ask a worker to activate it (from its last checkpoint), then call.
-        :class:`JobTimeout` when no answer came within ``timeout``; the method's own error
-        is raised as its :mod:`mnemos.errors` class."""
+        on its subject: ask a worker to activate it (from its last checkpoint), then call;
+        while no worker takes actors (none runs yet), keep asking. :class:`JobTimeout` when
+        no answer came within ``timeout``; the method's own error is raised as its
+        :mod:`mnemos.errors` class."""
         nc = self.nc
         subject = self.names.actor_subject(Names.actor_token(app, cls, key))
         payload = encode(ActorCall(method=method, args=args, kwargs=kwargs))
@@ -498,7 +499,9 @@ class Client:
             try:
                 msg = await nc.request(subject, payload, timeout=remaining)
             except nats.errors.NoRespondersError:
-                await self._activate_actor(app, cls, key, remaining)
+                if not await self._activate_actor(app, cls, key, remaining):
+                    await asyncio.sleep(pause)  # no worker takes actors yet (one is starting)
+                    pause = min(pause * 2, 0.25)
                 continue
             except nats.errors.TimeoutError as e:
                 raise JobTimeout(f"actor {cls}({key!r}) of app {app} did not answer within {timeout:g}s") from e
@@ -511,17 +514,21 @@ class Client:
                 raise from_info(reply.error)
             return reply.result
 
-    async def _activate_actor(self, app: str, cls: str, key: str, timeout: float) -> ActorActivation:
+    async def _activate_actor(self, app: str, cls: str, key: str, timeout: float) -> ActorActivation | None:
+        """Have a worker activate the actor; None when no worker takes actors right now."""
         subject = self.names.actor_activate_subject
         try:
             msg = await self.nc.request(subject, encode(ActivateActor(app=app, cls=cls, key=key)),
                                         timeout=max(timeout, 0.001))
-        except nats.errors.NoRespondersError as e:
-            raise Unavailable(f"no worker hosts actors on {subject} (start a worker with the python runtime)") from e
+        except nats.errors.NoRespondersError:
+            return None
         except nats.errors.TimeoutError as e:
             raise JobTimeout(f"activating actor {cls}({key!r}) of app {app} took over {timeout:g}s") from e
         if msg.headers and HDR_SERVICE_ERROR_CODE in msg.headers:
-            raise from_info(decode(msg.data, ErrorReply).error)
+            error = from_info(decode(msg.data, ErrorReply).error)
+            if error.retryable:
+                return None  # e.g. it was deactivating: call again
+            raise error
         return decode(msg.data, ActorActivation)
 
     async def actors(self, app: str | None = None) -> builtins.list[ActorView]:
