@@ -697,7 +697,7 @@ def deploy(obj: _Ctx, app_file: Path, app_name: str | None) -> None:
     was = f" (was {rec.previous_version})" if done.changed and rec.previous_version else ""
     console.print(f"{state} app [bold]{rec.name}[/bold] version {rec.version}{was}; pool {rec.pool}")
     for d in rec.definitions:
-        console.print(f"  {d.kind} {', '.join(d.targets)}")
+        console.print(f"  {d.kind} {', '.join(d.targets or [f'{d.name}.{m.name}' for m in d.methods])}")
 
 
 def _split_target(spec: str) -> tuple[Path, str]:

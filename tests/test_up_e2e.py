@@ -50,11 +50,22 @@ def _stop_up(proc: subprocess.Popen[str]) -> str:
     return out
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
 def _mnemos(port: int, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "launchers", "--nats-url", f"nats://127.0.0.1:{port}", *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
     )
+
+
+def _readme_first_python(port: int) -> subprocess.CompletedProcess[str]:
+    """The README's first Python example, run as a user runs it beside `make up`."""
+    text = (ROOT / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, MNEMOS_NATS_URL=f"nats://127.0.0.1:{port}"), cwd=ROOT)
 
 
 def _port_closed(port: int) -> bool:
@@ -102,6 +113,19 @@ def _scenario(tmp_path: Path) -> None:
         assert len(workers) == 1 and "transformers" in workers[0]["runtimes"]
         assert "demo-gpt2:v1" in workers[0]["loaded_models"]
         assert workers[0]["tags"]["pool"] == "local"  # started by the autoscaler's local provider
+
+        # The README's first examples: the demo app that `up` deployed.
+        added = _mnemos(port, "run", "examples/demo_app.py::add", "2", "3")
+        assert added.returncode == 0 and added.stdout.strip() == "5", added.stdout + added.stderr
+        tokens = _mnemos(port, "run", "examples/demo_app.py::Generator.generate", "Once upon a time",
+                         "--kwarg", "max_tokens=8")
+        assert tokens.returncode == 0 and tokens.stdout.strip(), tokens.stdout + tokens.stderr
+        example = _readme_first_python(port)
+        assert example.returncode == 0, example.stderr
+        lines = example.stdout.strip().splitlines()
+        assert len(lines) == 2 and lines[0] and len(json.loads(lines[1])) == 4, example.stdout
+        apps = json.loads(_mnemos(port, "-o", "json", "apps", "ls").stdout)
+        assert [a["name"] for a in apps] == ["demo"]
 
         # The autoscaler's pool, as `mnemos pools get local` shows it.
         pool = json.loads(_mnemos(port, "-o", "json", "pools", "get", "local").stdout)
