@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import re
 import shutil
 import sys
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
-from mnemos.app import App
+from mnemos.app import App, load_module
 from mnemos.client import Client
 from mnemos.config import NatsSettings
 from mnemos.connection import connect
@@ -46,15 +45,9 @@ def load_app_file(path: Path, name: str | None = None) -> LoadedApp:
     path = Path(path).resolve()
     if not path.is_file() or path.suffix != ".py":
         raise ValidationFailed(f"{path} is not a Python file")
-    module_name = "mnemos_deploy_" + re.sub(r"[^A-Za-z0-9_]", "_", path.stem)
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ValidationFailed(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
     sys.path.insert(0, str(path.parent))
     try:
-        spec.loader.exec_module(module)
+        module = load_module(path, "mnemos_deploy_" + re.sub(r"[^A-Za-z0-9_]", "_", path.stem))
     except Exception as e:
         raise ValidationFailed(f"importing {path.name} raised {type(e).__name__}: {e}") from e
     finally:

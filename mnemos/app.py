@@ -42,19 +42,23 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import importlib.util
 import inspect
 import re
+import sys
 import threading
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import ModuleType
 from typing import Any, Generic, TypeVar
 
 import msgspec
 
 from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
-from mnemos.errors import MnemosError, from_info
+from mnemos.errors import MnemosError, UnknownFunction, from_info
 from mnemos.messages import (
     AppDefinition,
     AppMethod,
@@ -82,6 +86,7 @@ __all__ = [
     "batched",
     "configure",
     "model_path",
+    "load_module",
 ]
 
 T = TypeVar("T")
@@ -577,11 +582,7 @@ class Function(_Invocable):
     @classmethod
     def from_name(cls, app: str, name: str) -> "Function":
         """The function ``name`` of the deployed app ``app`` (its live settings)."""
-        record = _connections.blocking(lambda: _lookup(app))
-        d = record.definition(name)
-        if d is None or d.kind != "function":
-            raise MnemosError(f"app {app} has no function {name!r}")
-        return cls(app, d, name)
+        return cls(app, _deployed(app, name, "function"), name)
 
 
 class Method(_Invocable):
@@ -602,57 +603,45 @@ class Obj:
         return f"<{self._owner.definition.name} of app {self._owner.app}>"
 
 
-class Cls:
-    """A deployed class (``@app.cls``): ``Cls()`` is an :class:`Obj` whose methods call it."""
+class _Deployed:
+    """A class an app defines (``KIND``), as a handle."""
+
+    KIND = ""
 
     def __init__(self, app: str, definition: AppDefinition, *, raw: type[Any] | None = None) -> None:
         self.app = app
         self.definition = definition
         #: The user's class (None for a handle looked up by name).
         self.raw = raw
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.app}::{self.definition.name}>"
+
+    @classmethod
+    def from_name(cls, app: str, name: str) -> Any:
+        """The definition ``name`` of the deployed app ``app``."""
+        return cls(app, _deployed(app, name, cls.KIND))
+
+
+class Cls(_Deployed):
+    """A deployed class (``@app.cls``): ``Cls()`` is an :class:`Obj` whose methods call it."""
+
+    KIND = "class"
 
     def __call__(self) -> Obj:
         return Obj(self)
 
-    def __repr__(self) -> str:
-        return f"<Cls {self.app}::{self.definition.name}>"
 
-    @classmethod
-    def from_name(cls, app: str, name: str) -> "Cls":
-        """The class ``name`` of the deployed app ``app``."""
-        record = _connections.blocking(lambda: _lookup(app))
-        d = record.definition(name)
-        if d is None or d.kind != "class":
-            raise MnemosError(f"app {app} has no class {name!r}")
-        return cls(app, d)
-
-
-class Actor:
+class Actor(_Deployed):
     """A deployed actor class (``@app.actor``): ``Actor.get(key)`` is the instance with
     that key, the same one from every client."""
 
-    def __init__(self, app: str, definition: AppDefinition, *, raw: type[Any] | None = None) -> None:
-        self.app = app
-        self.definition = definition
-        #: The user's class (None for a handle looked up by name).
-        self.raw = raw
+    KIND = "actor"
 
     def get(self, key: str) -> ActorRef:
         if not isinstance(key, str) or not 1 <= len(key) <= 256:
             raise ValueError("an actor key is a string of 1-256 characters")
         return ActorRef(self, key)
-
-    def __repr__(self) -> str:
-        return f"<Actor {self.app}::{self.definition.name}>"
-
-    @classmethod
-    def from_name(cls, app: str, name: str) -> "Actor":
-        """The actor class ``name`` of the deployed app ``app``."""
-        record = _connections.blocking(lambda: _lookup(app))
-        d = record.definition(name)
-        if d is None or d.kind != "actor":
-            raise MnemosError(f"app {app} has no actor {name!r}")
-        return cls(app, d)
 
 
 class ActorRef:
@@ -686,3 +675,29 @@ class ActorMethod:
 async def _lookup(app: str) -> AppRecord:
     client = await _connections.client()
     return await client.app(app)
+
+
+def _deployed(app: str, name: str, kind: str) -> AppDefinition:
+    """The live definition ``name`` of ``app``; ``unknown_function`` if it is not a ``kind``."""
+    record = _connections.blocking(lambda: _lookup(app))
+    d = record.definition(name)
+    if d is None or d.kind != kind:
+        raise UnknownFunction(f"app {app} has no {kind} {name!r}; it defines "
+                              f"{', '.join(f'{x.kind} {x.name}' for x in record.definitions)}")
+    return d
+
+
+def load_module(path: Path, module_name: str) -> ModuleType:
+    """Import the file ``path`` as ``module_name`` (registered in ``sys.modules`` first, as
+    import does: dataclasses and pickle look modules up there)."""
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot load {path} as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
+    return module

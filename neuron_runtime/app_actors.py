@@ -141,7 +141,14 @@ class _Activation:
             if interval:
                 await asyncio.sleep(interval)
             self.dirty.clear()
-            if not await self.write():
+            try:
+                written = await self.write()
+            except Exception as e:  # noqa: BLE001 - NATS away for a moment: the next write covers it
+                log.warning("actor %s(%r): checkpoint failed (%r); retrying", self.frame.cls, self.frame.key, e)
+                self.dirty.set()
+                await asyncio.sleep(0.5)
+                continue
+            if not written:
                 log.warning("actor %s(%r) was taken over elsewhere; stopping here", self.frame.cls, self.frame.key)
                 self.host.spawn(self.host.deactivate(self, "taken over elsewhere", fenced=True))
                 return
@@ -173,8 +180,9 @@ class ActorHost:
         assert self._kv is not None
         return self._kv
 
-    def spawn(self, coro: Any) -> None:
-        task = asyncio.create_task(coro)
+    def spawn(self, coro: Any) -> asyncio.Task[None]:
+        """Run ``coro``; its failure is logged, never silent."""
+        task: asyncio.Task[None] = asyncio.create_task(coro)
         self._tasks.add(task)
 
         def done(t: asyncio.Task[None]) -> None:
@@ -183,6 +191,7 @@ class ActorHost:
                 log.error("actor task failed", exc_info=t.exception())
 
         task.add_done_callback(done)
+        return task
 
     async def _connect(self) -> None:
         async with self._lock:
@@ -213,7 +222,7 @@ class ActorHost:
         activation.sub = await self._nc.subscribe(frame.subject, cb=activation.on_call)
         await self._nc.flush()
         self.active[frame.token] = activation
-        activation.tasks = [asyncio.create_task(activation.checkpoints()), asyncio.create_task(activation.idle())]
+        activation.tasks = [self.spawn(activation.checkpoints()), self.spawn(activation.idle())]
         log.info("actor %s(%r) active (%d calls so far)", frame.cls, frame.key, frame.calls)
         return os.getpid()
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import inspect
 import itertools
 import os
@@ -41,7 +40,7 @@ from typing import Any
 import msgspec
 
 import mnemos.app as mnemos_app
-from mnemos.app import App, Cls, Function
+from mnemos.app import App, Cls, Function, load_module
 from mnemos.errors import MnemosError
 from mnemos.messages import AppDefinition, AppMethod
 from neuron_runtime.app_actors import ActorHost
@@ -83,13 +82,7 @@ def _check_json(value: Any, what: str) -> None:
 def load_app(directory: Path, file: str, variable: str) -> App:
     """Import ``file`` from ``directory`` under a module name of its own and return its App."""
     path = (directory / file).resolve()
-    name = "mnemos_app_" + re.sub(r"[^A-Za-z0-9_]", "_", path.stem)
-    spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path} as a Python module")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
+    module = load_module(path, "mnemos_app_" + re.sub(r"[^A-Za-z0-9_]", "_", path.stem))
     app = getattr(module, variable, None)
     if not isinstance(app, App):
         raise ImportError(f"{file} has no mnemos.App named {variable!r}")

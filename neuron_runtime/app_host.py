@@ -287,7 +287,13 @@ class AppHost:
 
     def _released(self) -> None:
         if self.on_release is not None:
-            asyncio.create_task(self.on_release(self), name=f"app-release-{self.record.name}")
+            asyncio.create_task(self._release_now(self.on_release), name=f"app-release-{self.record.name}")
+
+    async def _release_now(self, release: Callable[[AppHost], Coroutine[Any, Any, None]]) -> None:
+        try:
+            await release(self)
+        except Exception:
+            log.exception("stopping the unused app process of %s failed", self.record.name)
 
     async def _answer_path(self, process: _Process, frame: PathRequest) -> None:
         reply = PathReply(id=frame.id)

@@ -52,17 +52,21 @@ def parse_curl(argv: list[str]) -> tuple[str, str, dict[str, str], str | None]:
 def test_the_doc_has_commands_for_every_route() -> None:
     urls = " ".join(parse_curl(c)[1] for c in curl_commands(DOC.read_text()))
     for path in ("/v1/jobs?", "/v1/jobs/<job_id>", "/retry", "/events", "/v1/completions", "/v1/chat/completions",
-                 "/v1/models", "/v1/workers", "/v1/pools", "/v1/pools/batch"):
+                 "/v1/models", "/v1/workers", "/v1/pools", "/v1/pools/batch", "/v1/apps", "/v1/apps/demo",
+                 "/v1/actors"):
         assert path in urls, path
 
 
 async def test_every_curl_command_of_the_doc_works(control_plane: Any, start_worker: Any, demo_model: Any,
-                                                  demo_fn: Any, start_gateway: Any, client: Any) -> None:
-    from launchers.up import LOCAL_POOL, LOCAL_RUNTIMES
+                                                  demo_fn: Any, start_gateway: Any, client: Any,
+                                                  nats_settings: Any) -> None:
+    from launchers.deploy import deploy
+    from launchers.up import DEMO_APP, LOCAL_POOL, LOCAL_RUNTIMES
     from mnemos.messages import PoolSpec
 
     # As under `make up`: the pool `local` serves every model of its runtimes already.
     await client.set_pool(PoolSpec(name=LOCAL_POOL, runtimes=LOCAL_RUNTIMES, min_workers=1, max_workers=4))
+    await deploy(nats_settings, DEMO_APP)  # as `make up` does
     await start_worker()
     base = await start_gateway()
     async with httpx.AsyncClient(timeout=60) as http:
