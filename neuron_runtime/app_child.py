@@ -303,8 +303,10 @@ class Child:
         except _UserError as e:
             self.send(Failed(id=frame.id, code=e.code, message=e.message, retryable=e.retryable))
         except Exception as e:  # noqa: BLE001 - the user's exception, reported as such
+            # Retryable: the call's ``retries`` say whether it is tried again (as Modal's do).
             self.send(Failed(id=frame.id, code="execution_error", message=f"{type(e).__name__}: {e}",
-                             exception_type=type(e).__name__, traceback="".join(traceback.format_exception(e))))
+                             exception_type=type(e).__name__, traceback="".join(traceback.format_exception(e)),
+                             retryable=True))
         finally:
             self.tasks.pop(frame.id, None)
             self.stops.pop(frame.id, None)

@@ -358,7 +358,7 @@ class AppHost:
                                       details={k: v for k, v in details.items() if v}))
         assert isinstance(frame, _Died)
         raise ExecutionError(f"the app process of {self.record.name} {frame.reason} while running {target}",
-                             details={"app_pid": process.pid})
+                             retryable=True, details={"app_pid": process.pid})
 
     async def activate(self, activation: Activate) -> int:
         """Hand an actor to the child; the pid that serves it."""

@@ -69,6 +69,21 @@ def version() -> str:
     return VERSION
 
 
+@app.function(retries=2)
+def flaky(marker: str) -> str:
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        raise RuntimeError("the first attempt fails")
+    return "second time lucky"
+
+
+@app.cls(gpu="any")
+class NeedsGpu:
+    @mnemos.method()
+    def run(self) -> str:
+        return "ran on a GPU"
+
+
 @app.cls(max_concurrency=16)
 class Model:
     @mnemos.enter()

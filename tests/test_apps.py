@@ -19,7 +19,7 @@ import pytest
 from launchers.deploy import deploy, load_app_file
 from tests.conftest import assert_eventually
 from mnemos.client import Client, job_spec
-from mnemos.errors import AppNotFound, ExecutionError, Forbidden, JobTimeout, ValidationFailed
+from mnemos.errors import AppNotFound, ExecutionError, Forbidden, JobTimeout, ModelLoadError, ValidationFailed
 from mnemos.messages import DeployApp, RetryPolicy
 
 async def test_every_call_form(app_stack: Any, client: Client, start_gateway: Any) -> None:
@@ -176,6 +176,21 @@ async def test_deploy_is_content_addressed_and_rolls_out_without_failing_calls(
     back = await app_stack(version="v1")  # a rollback: the same version again, no new upload
     assert (await client.app("calc")).version == first.version
     assert back is not None and {m.name for m in await client.models()} - models_before == {second.model}
+
+
+async def test_a_call_is_retried_as_its_function_says(app_stack: Any, client: Client, tmp_path: Path) -> None:
+    calc = await app_stack()
+    call = await calc.flaky.spawn.aio(str(tmp_path / "attempted"))
+    assert await call.get.aio(timeout=60) == "second time lucky"
+    record = await client.get(call.job_id)
+    assert record.attempt == 2 and record.spec.retry_config.max_retries == 2
+    assert record.attempts[0].error.code == "execution_error"
+
+
+async def test_a_class_that_needs_a_gpu_is_refused_on_a_worker_without_one(app_stack: Any) -> None:
+    calc = await app_stack()
+    with pytest.raises(ModelLoadError, match="needs a GPU"):
+        await calc.NeedsGpu().run.remote.aio()
 
 
 async def test_requirements_install_into_a_cached_environment(app_stack: Any, tmp_path: Path) -> None:
