@@ -122,6 +122,16 @@ class Counter:
         return os.getpid()
 
 
+@app.actor(checkpoint_interval=120)
+class Lazy:
+    def __init__(self) -> None:
+        self.n = 0
+
+    def incr(self) -> int:
+        self.n += 1
+        return self.n
+
+
 @app.actor(idle_timeout=1)
 class Brief:
     def __init__(self) -> None:

@@ -107,3 +107,17 @@ async def test_idle_actors_deactivate_and_come_back_with_their_state(
         return not await client.actors()
     await assert_eventually(gone, timeout=30, message="the idle actor deactivated")
     assert await brief.incr.remote.aio() == 3  # activated again, from its checkpoint
+
+
+async def test_checkpoint_interval_spaces_the_writes(app_stack: Any, client: Client) -> None:
+    calc = await app_stack()
+    lazy = calc.Lazy.get("l")
+    assert [await lazy.incr.remote.aio() for _ in range(3)] == [1, 2, 3]
+    counter = calc.Counter.get("eager")
+    await counter.incr.remote.aio()
+
+    async def eager_written() -> bool:
+        return any(a.activation.cls == "Counter" and a.calls == 1 for a in await client.actors())
+    await assert_eventually(eager_written, timeout=30, message="the default actor checkpointed its call")
+    # The lazy one wrote its state when it was activated, and not again for 120 s.
+    assert [a.calls for a in await client.actors() if a.activation.cls == "Lazy"] == [0]
