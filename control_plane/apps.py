@@ -14,7 +14,7 @@ import logging
 from typing import Any
 
 import msgspec
-from nats.js.errors import KeyWrongLastSequenceError
+from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
 from mnemos.catalog import ModelCatalog
@@ -67,6 +67,12 @@ class AppDirectory:
         self.pools = pools
         self.records: dict[str, AppRecord] = {}
 
+    async def _ensure_pool(self, record: AppRecord) -> None:
+        existing = self.pools.specs.get(Names.app_pool(record.name))
+        wanted = app_pool(record, existing)
+        if wanted != existing:
+            await self.pools.set(wanted)
+
     async def start(self, supervisor: Supervisor) -> None:
         watcher = await patiently(self.kv.watchall, "watch the apps bucket")
         supervisor.spawn("apps", mirror(watcher, AppRecord, self.records))
@@ -97,9 +103,10 @@ class AppDirectory:
             entry = await self.kv.get(body.name)
             current: AppRecord | None = decode(entry.value or b"", AppRecord)
             revision = entry.revision or 0
-        except Exception:  # noqa: BLE001 - not deployed yet
+        except KeyNotFoundError:  # not deployed yet (or removed)
             current, revision = None, 0
         if current is not None and current.version == body.version and current.definitions == body.definitions:
+            await self._ensure_pool(current)  # a deploy whose pool write failed is mended by the next
             return AppDeployed(app=current, changed=False, revision=revision)
         previous = None if current is None or current.version == body.version else current.version
         record = AppRecord(name=body.name, version=body.version, definitions=body.definitions,

@@ -82,13 +82,15 @@ from mnemos.messages import (
     decode,
     encode,
 )
-from mnemos.names import HDR_SERVICE_ERROR_CODE, HDR_TENANT, Names
+from mnemos.names import HDR_PING, HDR_SERVICE_ERROR_CODE, HDR_TENANT, Names
 
 __all__ = ["Client", "job_spec"]
 
 Req = TypeVar("Req")
 Rep = TypeVar("Rep")
 
+#: An actor call unanswered for this long has its holder checked (every as long again).
+_ACTOR_PROBE_S = 1.0
 #: A stream with no message for this long is checked against the job record.
 _STREAM_IDLE_CHECK_S = 5.0
 
@@ -492,14 +494,19 @@ class Client:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         pause = 0.002
+        activations = 0
         while True:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise JobTimeout(f"actor {cls}({key!r}) of app {app} did not answer within {timeout:g}s")
             try:
-                msg = await nc.request(subject, payload, timeout=remaining)
+                msg = await self._actor_request(nc, subject, payload, remaining)
             except nats.errors.NoRespondersError:
-                if not await self._activate_actor(app, cls, key, remaining):
+                if activations:  # an activation in progress (here or elsewhere): not so fast
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, 0.25)
+                activations += 1
+                if not await self._activate_actor(app, cls, key, max(deadline - loop.time(), 0.001)):
                     await asyncio.sleep(pause)  # no worker takes actors yet (one is starting)
                     pause = min(pause * 2, 0.25)
                 continue
@@ -513,6 +520,47 @@ class Client:
             if reply.error is not None:
                 raise from_info(reply.error)
             return reply.result
+
+    @staticmethod
+    async def _actor_request(nc: NATS, subject: str, payload: bytes, timeout: float) -> Any:
+        """The reply to one call. Unanswered after a second, the holder is pinged (it
+        answers pings between calls) until the reply comes: when nobody is subscribed any
+        more (it died with the call), NoResponders, and the caller activates it elsewhere.
+        The fast path costs a timer, not a task."""
+        loop = asyncio.get_running_loop()
+        me = asyncio.current_task()
+        assert me is not None
+        gone = False
+        prober: asyncio.Task[None] | None = None
+
+        async def probe() -> None:
+            nonlocal gone
+            while True:
+                try:
+                    await nc.request(subject, b"", timeout=_ACTOR_PROBE_S, headers={HDR_PING: "1"})
+                except nats.errors.NoRespondersError:
+                    gone = True
+                    me.cancel()
+                    return
+                except nats.errors.TimeoutError:
+                    continue  # busy with this call (or the ones before it): still there
+                await asyncio.sleep(_ACTOR_PROBE_S)
+
+        def start_probe() -> None:
+            nonlocal prober
+            prober = loop.create_task(probe())
+
+        timer = loop.call_later(_ACTOR_PROBE_S, start_probe)
+        try:
+            return await nc.request(subject, payload, timeout=timeout)
+        except asyncio.CancelledError:
+            if gone and me.uncancel() == 0:
+                raise nats.errors.NoRespondersError from None
+            raise
+        finally:
+            timer.cancel()
+            if prober is not None:
+                prober.cancel()
 
     async def _activate_actor(self, app: str, cls: str, key: str, timeout: float) -> ActorActivation | None:
         """Have a worker activate the actor; None when no worker takes actors right now."""

@@ -18,6 +18,7 @@ call's path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import nats.errors
@@ -27,7 +28,7 @@ from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError
 
 from mnemos.catalog import ModelCatalog
-from mnemos.errors import AppNotFound, Internal, MnemosError, UnknownFunction, ValidationFailed
+from mnemos.errors import AppNotFound, Internal, MnemosError, ModelLoadError, UnknownFunction, ValidationFailed
 from mnemos.layout import Layout
 from mnemos.messages import (
     ActivateActor,
@@ -50,6 +51,10 @@ log = logging.getLogger("mnemos.actors")
 
 #: How long a holder may take to show it is there (a busy one answers later: still there).
 _PING_S = 0.25
+#: Activations this worker runs at once (each its own task: a slow one holds up no other).
+_CONCURRENT_ACTIVATIONS = 64
+#: The longest an activation may take (an app process start, the actor's ``__init__``).
+ACTIVATE_TIMEOUT_S = 180.0
 
 
 class ActorPlacement:
@@ -66,6 +71,8 @@ class ActorPlacement:
         self.activated = 0
         #: Tokens being activated here (claimed, not answering yet).
         self.activating: set[str] = set()
+        self._gate = asyncio.Semaphore(_CONCURRENT_ACTIVATIONS)
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> list[Subscription]:
         return [
@@ -84,8 +91,20 @@ class ActorPlacement:
         await msg.respond(self.holds(msg.data.decode(errors="replace")).encode())
 
     async def _on_activate(self, msg: Msg) -> None:
+        """Each request in a task of its own (a subscription hands over one message at a time)."""
+        task = asyncio.create_task(self._activate_and_answer(msg), name="actor-activate")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Wait for activations in progress (their callers get an answer)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=ACTIVATE_TIMEOUT_S)
+
+    async def _activate_and_answer(self, msg: Msg) -> None:
         try:
-            record = await self.activate(decode(msg.data, ActivateActor))
+            async with self._gate:
+                record = await self.activate(decode(msg.data, ActivateActor))
             await msg.respond(encode(record))
         except Exception as e:
             error = e if isinstance(e, MnemosError) else Internal(f"{type(e).__name__}: {e}")
@@ -93,7 +112,10 @@ class ActorPlacement:
                 log.exception("activating an actor failed")
             if msg.reply:
                 body, headers = error_envelope(error)
-                await self.nc.publish(msg.reply, body, headers=headers)
+                try:
+                    await self.nc.publish(msg.reply, body, headers=headers)
+                except Exception as publish_error:  # noqa: BLE001 - the caller's own timeout tells it
+                    log.warning("could not answer an activation request: %r", publish_error)
 
     async def _answers(self, subject: str) -> bool:
         """Whether a process still serves ``subject`` (a busy one counts)."""
@@ -177,11 +199,14 @@ class ActorPlacement:
             state, state_revision = None, 0
         host = await self.runtime.host_for(model, config)
         try:
-            await host.activate(Activate(
+            await asyncio.wait_for(host.activate(Activate(
                 id=0, cls=record.cls, key=record.key, token=token, subject=record.subject,
                 activation_key=Names.actor_activation_key(token), activation_revision=revision,
                 state_key=state_key, state_revision=state_revision, has_state=state is not None,
                 state=state.state if state is not None else None, calls=state.calls if state is not None else 0,
-            ))
+            )), ACTIVATE_TIMEOUT_S)
+        except TimeoutError:
+            raise ModelLoadError(f"activating {record.cls}({record.key!r}) took over {ACTIVATE_TIMEOUT_S:g}s",
+                                 retryable=True) from None
         finally:
             await self.runtime.release(host)

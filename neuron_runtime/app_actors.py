@@ -1,5 +1,10 @@
 """Actors inside the app process: calls straight from NATS, state checkpointed to KV.
 
+They run on an event loop of their own, in a thread of the app process: a method runs
+inline on it (a sync method too: a thread hop per call would cost more than the call), so
+a slow method holds up the process's other actors, but never its functions, its batches
+or the worker's cancels. Make a slow method ``async``, or a function.
+
 The worker claims an actor's activation (a KV create, see :mod:`neuron_runtime.actors`)
 and hands it here (an ``Activate`` frame). From then on this process alone serves it:
 
@@ -28,6 +33,7 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js.errors import KeyWrongLastSequenceError
@@ -79,11 +85,12 @@ class _Activation:
         self.methods = {m.name for m in actor.definition.methods}
         self.state_revision = frame.state_revision
         self.calls = frame.calls
-        self.last_call_at: Any = None
         self.last_call = time.monotonic()
         self.encoded: bytes = _json.encode(_state_of(instance))
         self.dirty = asyncio.Event()
         self.closing = False
+        #: A call is running (an actor is never idle while one does).
+        self.busy = False
         self.sub: Any = None
         self.tasks: list[asyncio.Task[None]] = []
 
@@ -94,7 +101,7 @@ class _Activation:
         if self.closing:
             await msg.respond(encode(ActorReply(retry=True)))
             return
-        self.last_call = time.monotonic()
+        self.busy = True
         try:
             call = _calls.decode(msg.data)
             if call.method not in self.methods:
@@ -112,15 +119,22 @@ class _Activation:
             reply = encode(ActorReply(error=ErrorInfo(
                 code="execution_error", message=f"{type(e).__name__}: {e}", retryable=False,
                 details={"exception_type": type(e).__name__, "traceback": "".join(traceback.format_exception(e))})))
+        finally:
+            self.busy = False
+            self.last_call = time.monotonic()  # idle counts from the end of the last call
         self.calls += 1
-        self.last_call_at = None  # stamped by the writer (a clock read per call is not free)
         try:
             self.encoded = _json.encode(_state_of(self.instance))
         except (TypeError, msgspec.EncodeError) as e:
             log.error("actor %s(%r): state is not JSON-encodable (%s); not checkpointed",
                       self.actor.definition.name, self.frame.key, e)
         self.dirty.set()
-        await msg.respond(reply)
+        try:
+            await msg.respond(reply)
+        except nats.errors.MaxPayloadError:
+            too_big = ValidationFailed(f"a result of {self.frame.cls} is {len(reply)} bytes, over the server's "
+                                       "max_payload")
+            await msg.respond(encode(ActorReply(error=too_big.info())))
 
     async def write(self) -> bool:
         """Checkpoint the latest state; False: fenced (another activation wrote since)."""
@@ -157,7 +171,7 @@ class _Activation:
         timeout = self.actor.definition.idle_timeout
         while True:
             await asyncio.sleep(min(1.0, timeout / 4))
-            if time.monotonic() - self.last_call >= timeout:
+            if not self.busy and time.monotonic() - self.last_call >= timeout:
                 self.host.spawn(self.host.deactivate(self, f"idle for {timeout:g}s"))
                 return
 
@@ -168,6 +182,7 @@ class ActorHost:
     def __init__(self, app_name: str, members: dict[str, Any], send: Callable[[Any], None]) -> None:
         self.app_name = app_name
         self.members = members
+        #: Sends a frame to the worker (thread-safe: the child's loop writes it).
         self.send = send
         self.active: dict[str, _Activation] = {}
         self._nc: NATS | None = None
@@ -200,7 +215,7 @@ class ActorHost:
                 self._nc = await connect(settings, f"mnemos-app-{self.app_name}-{os.getpid()}")
                 self._kv = await self._nc.jetstream().key_value(settings.names.actors_bucket)
 
-    async def activate(self, frame: Activate, in_thread: Callable[..., Any]) -> int:
+    async def activate(self, frame: Activate) -> int:
         """Start hosting; the pid answering its calls."""
         actor = self.members.get(frame.cls)
         if not isinstance(actor, Actor) or actor.raw is None:
@@ -210,7 +225,7 @@ class ActorHost:
         if frame.has_state:
             instance = _restore(actor.raw, frame.state)
         else:
-            instance = await in_thread(actor.raw, [], {})
+            instance = await asyncio.get_running_loop().run_in_executor(None, actor.raw)
         try:
             activation = _Activation(self, frame, actor, instance)
         except (TypeError, msgspec.EncodeError) as e:
@@ -219,7 +234,9 @@ class ActorHost:
         # The first write fences any earlier activation still writing (a partitioned host).
         if not await activation.write():
             raise MnemosError(f"actor {frame.cls}({frame.key!r}) was checkpointed concurrently", retryable=True)
-        activation.sub = await self._nc.subscribe(frame.subject, cb=activation.on_call)
+        # A queue group: should a holder that was taken over come back (a partition healed),
+        # each call still runs once, until that holder's next write fences it.
+        activation.sub = await self._nc.subscribe(frame.subject, queue=frame.token, cb=activation.on_call)
         await self._nc.flush()
         self.active[frame.token] = activation
         activation.tasks = [self.spawn(activation.checkpoints()), self.spawn(activation.idle())]
@@ -227,32 +244,50 @@ class ActorHost:
         return os.getpid()
 
     async def deactivate(self, activation: _Activation, reason: str, *, fenced: bool = False) -> None:
+        """Step down: stop answering (the call running finishes, calls queued are told to
+        retry), write the last state, remove the activation, tell the worker. Whatever
+        fails on the way, the actor is let go of (the next claimant takes it over)."""
         if self.active.get(activation.frame.token) is not activation:
             return
         activation.closing = True  # calls from now on are told to retry
         for task in activation.tasks:
             if task is not asyncio.current_task():
                 task.cancel()
-        if not fenced:
-            await activation.write()
-            try:
-                await self.kv.delete(activation.frame.activation_key, last=activation.frame.activation_revision)
-            except Exception as e:  # noqa: BLE001 - taken over meanwhile: not ours to remove
-                log.info("actor %s(%r): activation not removed: %r", activation.frame.cls, activation.frame.key, e)
         try:
-            await activation.sub.unsubscribe()
-        except Exception as e:  # noqa: BLE001 - the connection is going away
-            log.debug("unsubscribe: %r", e)
-        self.active.pop(activation.frame.token, None)
-        log.info("actor %s(%r) deactivated: %s", activation.frame.cls, activation.frame.key, reason)
-        self.send(Deactivated(token=activation.frame.token, reason=reason))
+            try:
+                await asyncio.wait_for(activation.sub.drain(), 30.0)
+            except Exception as e:  # noqa: BLE001 - the connection is going away: nothing to drain
+                log.debug("drain of %s: %r", activation.frame.subject, e)
+            if not fenced and await self._last_write(activation):
+                try:
+                    await self.kv.delete(activation.frame.activation_key, last=activation.frame.activation_revision)
+                except Exception as e:  # noqa: BLE001 - taken over meanwhile: not ours to remove
+                    log.info("actor %s(%r): activation not removed: %r", activation.frame.cls,
+                             activation.frame.key, e)
+        finally:
+            self.active.pop(activation.frame.token, None)
+            log.info("actor %s(%r) deactivated: %s", activation.frame.cls, activation.frame.key, reason)
+            self.send(Deactivated(token=activation.frame.token, reason=reason))
+
+    @staticmethod
+    async def _last_write(activation: _Activation) -> bool:
+        """The final checkpoint, tried a few times (NATS may be away for a moment)."""
+        for attempt in range(5):
+            try:
+                return await activation.write()
+            except Exception as e:  # noqa: BLE001 - retried, then given up (its last write stands)
+                log.warning("actor %s(%r): last checkpoint failed (%r)", activation.frame.cls, activation.frame.key, e)
+                await asyncio.sleep(0.2 * 2**attempt)
+        return False
 
     async def shutdown(self, reason: str) -> None:
-        """Deactivate every actor (the worker went away or stops this process)."""
-        for activation in list(self.active.values()):
+        """Deactivate every actor at once (the worker went away or stops this process)."""
+        async def one(activation: _Activation) -> None:
             try:
-                await asyncio.wait_for(self.deactivate(activation, reason), 5.0)
+                await asyncio.wait_for(self.deactivate(activation, reason), 4.0)
             except Exception as e:  # noqa: BLE001 - the next claimant takes it over
                 log.warning("actor %s(%r) not deactivated cleanly: %r", activation.frame.cls, activation.frame.key, e)
+
+        await asyncio.gather(*(one(a) for a in list(self.active.values())))
         if self._nc is not None:
             await self._nc.close()

@@ -43,9 +43,11 @@ import mnemos.app as mnemos_app
 from mnemos.app import App, Cls, Function, load_module
 from mnemos.errors import MnemosError
 from mnemos.messages import AppDefinition, AppMethod
+from mnemos.sync import LoopThread
 from neuron_runtime.app_actors import ActorHost
 from neuron_runtime.app_protocol import (
     Activate,
+    FrameTooLarge,
     Call,
     Cancel,
     Cancelled,
@@ -186,12 +188,19 @@ class Child:
         self.paths: dict[int, asyncio.Future[PathReply]] = {}
         self.path_ids = itertools.count(1)
         self.threads = ThreadPoolExecutor(max_workers=256, thread_name_prefix="app")
-        self.actors = ActorHost(app.name, app.members, self.send)
+        self._actors: ActorHost | None = None
+        self._actor_loop: LoopThread | None = None
 
     def send(self, frame: Any) -> None:
         if self.writer is not None and not self.writer.is_closing():
             try:
                 write_frame(self.writer, frame)
+            except FrameTooLarge as e:  # a result or item too big to carry: that call fails, alone
+                self.send(Failed(id=frame.id, code="validation_error", message=f"the {type(frame).__name__.lower()} "
+                                 f"of call {frame.id} is too large to send ({e})"))
+                task = self.tasks.get(frame.id)
+                if task is not None:
+                    task.cancel()
             except (ConnectionError, RuntimeError):
                 pass  # the worker is gone: the serve loop ends at its next read
 
@@ -212,7 +221,23 @@ class Child:
                     waiter.set_result(frame)
         # The worker closed the socket (it stops this process, or it died): the actors
         # here write their last state and step down, so the next call finds them elsewhere.
-        await self.actors.shutdown("the worker let go of this process")
+        if self._actors is not None:
+            await self._on_actor_loop(self._actors.shutdown("the worker let go of this process"))
+
+    def actor_host(self) -> ActorHost:
+        """The actors of this process, on their own loop thread (started at the first)."""
+        if self._actors is None:
+            self._actor_loop = LoopThread()
+
+            def send(frame: Any) -> None:
+                self.loop.call_soon_threadsafe(self.send, frame)
+
+            self._actors = ActorHost(self.app.name, self.app.members, send)
+        return self._actors
+
+    async def _on_actor_loop(self, coro: Any) -> Any:
+        assert self._actor_loop is not None
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._actor_loop.loop))
 
     @staticmethod
     async def _next(reader: asyncio.StreamReader) -> Any:
@@ -224,7 +249,7 @@ class Child:
     async def activate(self, frame: Activate) -> None:
         started = time.perf_counter()
         try:
-            pid = await self.actors.activate(frame, self.in_thread)
+            pid = await self._on_actor_loop(self.actor_host().activate(frame))
             self.send(Done(id=frame.id, result=pid, exec_ms=(time.perf_counter() - started) * 1000.0))
         except MnemosError as e:
             self.send(Failed(id=frame.id, code=e.code, message=e.message, retryable=e.retryable))
@@ -350,7 +375,7 @@ class Child:
         assert raw is not None
         _check_stack(definition)
         try:
-            instance = raw()
+            instance = await self.in_thread(raw, [], {})
             for attr, value in vars(raw).items():
                 role = getattr(value, "__mnemos_role__", None)
                 if role is None or role.role != "enter":

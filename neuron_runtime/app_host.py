@@ -231,15 +231,19 @@ class AppHost:
             )
         finally:
             child_sock.close()
-        reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
-        process = _Process(proc, reader, writer)
         try:
+            reader, writer = await asyncio.open_unix_connection(sock=parent_sock)
             first = await asyncio.wait_for(read_frame(reader, parent=True), START_TIMEOUT_S)
-        except TimeoutError:
-            proc.kill()
-            await proc.wait()
-            raise ModelLoadError(f"the app process of {self.record.name} did not start within "
-                                 f"{START_TIMEOUT_S:g}s", retryable=True) from None
+        except BaseException as e:  # timed out, or the start was cancelled (a drain): no orphan
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await asyncio.shield(proc.wait())
+            parent_sock.close()
+            if isinstance(e, TimeoutError):
+                raise ModelLoadError(f"the app process of {self.record.name} did not start within "
+                                     f"{START_TIMEOUT_S:g}s", retryable=True) from None
+            raise
+        process = _Process(proc, reader, writer)
         if not isinstance(first, Ready):
             code = await proc.wait()
             if isinstance(first, Failed):

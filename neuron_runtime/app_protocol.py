@@ -17,7 +17,7 @@ from msgspec import Struct
 
 __all__ = [
     "Call", "Cancel", "PathReply", "Activate", "Deactivated", "Ready", "Item", "Done", "Failed", "Cancelled",
-    "PathRequest", "ToChild", "ToParent", "write_frame", "read_frame",
+    "PathRequest", "ToChild", "ToParent", "FrameTooLarge", "write_frame", "read_frame",
 ]
 
 #: The largest frame either side accepts (a NATS message is smaller still).
@@ -119,9 +119,15 @@ _to_parent = msgspec.msgpack.Decoder(ToParent)
 _LEN = struct.Struct(">I")
 
 
+class FrameTooLarge(ValueError):
+    """A frame over :data:`MAX_FRAME` (never sent: the reader would take it for garbage)."""
+
+
 def write_frame(writer: asyncio.StreamWriter, frame: _Frame) -> None:
     """Queue ``frame`` on ``writer`` (the event loop's thread only)."""
     data = _encoder.encode(frame)
+    if len(data) > MAX_FRAME:
+        raise FrameTooLarge(f"{len(data)} bytes, over the {MAX_FRAME} byte limit")
     writer.write(_LEN.pack(len(data)) + data)
 
 

@@ -308,6 +308,8 @@ class Worker:
             await self.puller.stop()
         for sub in self._activations[:1]:  # no new actors here; those here move when it stops
             await sub.unsubscribe()
+        if self.actor_placement is not None:
+            await self.actor_placement.close()
         if self._jobs:
             log.info("draining: waiting up to %.0fs for %d job(s)", self.settings.drain_timeout_s, len(self._jobs))
             await asyncio.wait(set(self._jobs), timeout=self.settings.drain_timeout_s)

@@ -121,6 +121,11 @@ class Counter:
     def where(self) -> int:
         return os.getpid()
 
+    async def nap(self, seconds: float) -> int:
+        await asyncio.sleep(seconds)
+        self.n += 1
+        return self.n
+
 
 @app.actor(checkpoint_interval=120)
 class Lazy:

@@ -77,11 +77,14 @@ async def test_state_survives_the_sigkill_of_its_host_worker(
     second = worker_process("actor-host-b")
     await assert_eventually(lambda: _workers(client, 2), timeout=60, message="second worker up")
 
+    napping = asyncio.ensure_future(actor.nap.remote.aio(2.0))  # in flight when its host dies
+    await asyncio.sleep(0.3)
     os.killpg(first.pid, signal.SIGKILL)  # the worker and its app process, with no goodbye
     first.wait()
-    # The next call finds nobody on the actor's subject and has it activated on the other
-    # worker, from the last checkpoint.
-    assert await actor.incr.remote.aio(1) == 6
+    # The call in flight finds its holder gone (a ping nobody answers) and runs again on an
+    # activation on the other worker, from the last checkpoint; so do the calls after it.
+    assert await napping == 6
+    assert await actor.incr.remote.aio(1) == 7
     assert await actor.where.remote.aio() != pid
     hosts = [a.activation.worker_id for a in await client.actors()]
     assert hosts == ["actor-host-b"]

@@ -281,6 +281,8 @@ class PythonRuntime(Runtime):
         self._services: AppServices | None = None
         self._hosts: dict[tuple[str, str], AppHost] = {}
         self._hosts_lock = asyncio.Lock()
+        self._starting: dict[tuple[str, str], asyncio.Lock] = {}
+        self._closed = False
 
     def attach(self, services: Any) -> None:
         self._services = services
@@ -308,22 +310,38 @@ class PythonRuntime(Runtime):
 
     async def host_for(self, model: ModelRecord, config: PythonConfig, model_dir: Path | None = None) -> AppHost:
         """The host of ``model``'s app process (started if needed), with one more handle on
-        it: give it back with :meth:`release` (actors are counted by the host itself)."""
+        it: give it back with :meth:`release` (actors are counted by the host itself). One
+        app's start (a download, a pip install) holds up no other app's."""
         key = (model.family, model.version)
         async with self._hosts_lock:
-            host = self._hosts.get(key)
-            if host is None:
-                host = AppHost(model, msgspec.structs.replace(config, function=None), self._services)
-                host.on_release = self._maybe_close
-                try:
-                    await host.prepare(model_dir)
-                    await host.ensure_started()
-                except BaseException:
-                    await host.close()
-                    raise
-                self._hosts[key] = host
-            host.refs += 1
-        return host
+            if self._closed:
+                raise ModelLoadError("this worker is stopping", retryable=True)
+            lock = self._starting.setdefault(key, asyncio.Lock())
+        async with lock:
+            async with self._hosts_lock:
+                host = self._hosts.get(key)
+                if host is not None:
+                    host.refs += 1
+                    return host
+            host = AppHost(model, msgspec.structs.replace(config, function=None), self._services)
+            host.on_release = self._maybe_close
+            try:
+                await host.prepare(model_dir)
+                await host.ensure_started()
+            except BaseException:
+                await host.close()
+                raise
+            async with self._hosts_lock:
+                if self._closed:  # stopped while it started
+                    closing = True
+                else:
+                    closing = False
+                    self._hosts[key] = host
+                    host.refs += 1
+            if closing:
+                await host.close()
+                raise ModelLoadError("this worker is stopping", retryable=True)
+            return host
 
     async def release(self, host: AppHost) -> None:
         """One handle fewer."""
@@ -346,6 +364,7 @@ class PythonRuntime(Runtime):
 
     async def close(self) -> None:
         async with self._hosts_lock:
+            self._closed = True
             hosts, self._hosts = list(self._hosts.values()), {}
         for host in hosts:
             await host.close()
