@@ -90,6 +90,7 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+M = TypeVar("M", "Function", "Cls", "Actor")
 _APP_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,39}$")
 #: Calls of one ``map`` in flight at once.
 DEFAULT_MAP_WINDOW = 32
@@ -240,10 +241,12 @@ class App:
         """Every name a job of this app may call."""
         return [t for d in self.definitions for t in d.targets]
 
-    def _add(self, name: str, member: Function | Cls | Actor) -> None:
+    def _add(self, member: M) -> M:
+        name = member.definition.name
         if name in self.members:
             raise ValueError(f"app {self.name} already defines {name!r}")
         self.members[name] = member
+        return member
 
     def function(
         self,
@@ -267,9 +270,7 @@ class App:
                 scaledown_window=scaledown_window, priority=priority, gpu=gpu,
                 function_kind="stream" if _is_stream(fn) else "call",
             )
-            handle = Function(self.name, definition, fn.__name__, raw=fn)
-            self._add(fn.__name__, handle)
-            return handle
+            return self._add(Function(self.name, definition, fn.__name__, raw=fn))
 
         return decorate
 
@@ -311,9 +312,7 @@ class App:
                 min_workers=min_workers, max_workers=max_workers, scaledown_window=scaledown_window,
                 priority=priority,
             )
-            handle = Cls(self.name, definition, raw=user_cls)
-            self._add(user_cls.__name__, handle)
-            return handle
+            return self._add(Cls(self.name, definition, raw=user_cls))
 
         return decorate
 
@@ -351,9 +350,7 @@ class App:
                 idle_timeout=idle_timeout, checkpoint_interval=checkpoint_interval, min_workers=min_workers,
                 max_workers=max_workers,
             )
-            handle = Actor(self.name, definition, raw=user_cls)
-            self._add(user_cls.__name__, handle)
-            return handle
+            return self._add(Actor(self.name, definition, raw=user_cls))
 
         return decorate
 
