@@ -4,12 +4,14 @@
 ``json.loads`` and a reflective dataclass; at thousands of jobs per second that is a
 visible share of a core. :class:`Publisher` sends the same messages (optionally with
 ``Nats-Expected-Last-Subject-Sequence``, which is all a KV compare-and-set is) with
-counter tokens on one inbox and decodes acks with a msgspec Struct.
+counter tokens on one inbox and decodes acks with a msgspec Struct. Ack deadlines are kept
+in one heap, checked by one timer, rather than a timer per message.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 
 import msgspec
@@ -57,6 +59,10 @@ class Publisher:
         self._ids = itertools.count(1)
         self._waiting: dict[str, asyncio.Future[bytes]] = {}
         self._sub: Subscription | None = None
+        #: (deadline on the loop's clock, token, subject) of every ack awaited; entries
+        #: whose ack came are skipped when they fall due.
+        self._deadlines: list[tuple[float, int, str]] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         if self._sub is None:
@@ -65,8 +71,25 @@ class Publisher:
 
     async def close(self) -> None:
         sub, self._sub = self._sub, None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if sub is not None:
             await sub.unsubscribe()
+
+    def _expire(self) -> None:
+        """Fail the acks that are past their deadline; re-arm for the next one."""
+        self._timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        heap = self._deadlines
+        while heap and heap[0][0] <= now:
+            deadline, token, subject = heapq.heappop(heap)
+            fut = self._waiting.pop(str(token), None)
+            if fut is not None and not fut.done():
+                fut.set_exception(Unavailable(f"no ack from JetStream for {subject} in time"))
+        if heap:
+            self._timer = loop.call_at(heap[0][0], self._expire)
 
     async def _on_ack(self, msg: Msg) -> None:
         fut = self._waiting.pop(msg.subject[len(self._prefix) + 1 :], None)  # expired ones are gone
@@ -78,37 +101,40 @@ class Publisher:
             fut.set_result(msg.data)
 
     async def send(
-        self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None
+        self, subject: str, payload: bytes, *, headers: dict[str, str] | None = None, timeout: float = 5.0
     ) -> asyncio.Future[bytes]:
-        """Publish without waiting; the future of the raw ack (check it with :meth:`acked`).
+        """Publish without waiting; the future of the raw ack (check it with :meth:`acked`),
+        failed with :class:`Unavailable` if no ack comes within ``timeout`` seconds.
 
         Messages sent one after another from one task are stored in that order.
         """
         if self._sub is None:
             raise Unavailable("the JetStream publisher is not started")
-        token = str(next(self._ids))
-        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        n = next(self._ids)
+        token = str(n)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bytes] = loop.create_future()
         self._waiting[token] = fut
         try:
             await self.nc.publish(subject, payload, reply=f"{self._prefix}.{token}", headers=headers)
         except BaseException:
             self._waiting.pop(token, None)
             raise
+        deadline = loop.time() + timeout
+        heapq.heappush(self._deadlines, (deadline, n, subject))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
+        elif deadline < self._timer.when():
+            self._timer.cancel()
+            self._timer = loop.call_at(deadline, self._expire)
         return fut
 
-    async def acked(self, fut: asyncio.Future[bytes], subject: str, timeout: float = 5.0) -> int:
+    async def acked(self, fut: asyncio.Future[bytes], subject: str) -> int:
         """Wait for an ack from :meth:`send`; the stored sequence (errors as in :meth:`publish`)."""
-        return (await self._ack(fut, subject, timeout)).seq
+        return (await self._ack(fut, subject)).seq
 
-    async def _ack(self, fut: asyncio.Future[bytes], subject: str, timeout: float) -> _PubAck:
-        try:
-            async with asyncio.timeout(timeout):
-                data = await fut
-        except TimeoutError as e:
-            raise Unavailable(f"no ack from JetStream for {subject} within {timeout}s") from e
-        finally:
-            if not fut.done():
-                fut.cancel()
+    async def _ack(self, fut: asyncio.Future[bytes], subject: str) -> _PubAck:
+        data = await fut  # Unavailable past the deadline given to send()
         try:
             ack = _ack_decoder.decode(data)
         except msgspec.DecodeError as e:
@@ -127,14 +153,14 @@ class Publisher:
         Raises :class:`Conflict` when an expected-sequence header did not match and
         :class:`Unavailable` when no stream answered or the stream refused the message.
         """
-        return await self.acked(await self.send(subject, payload, headers=headers), subject, timeout)
+        return await self.acked(await self.send(subject, payload, headers=headers, timeout=timeout), subject)
 
     async def publish_once(
         self, subject: str, payload: bytes, *, headers: dict[str, str], timeout: float = 5.0
     ) -> tuple[int, bool]:
         """Publish a message with a ``Nats-Msg-Id``; (its sequence, whether it was stored now:
         False when the stream already had that id within its duplicate window)."""
-        ack = await self._ack(await self.send(subject, payload, headers=headers), subject, timeout)
+        ack = await self._ack(await self.send(subject, payload, headers=headers, timeout=timeout), subject)
         return ack.seq, not ack.duplicate
 
     async def kv_cas(self, key_subject: str, value: bytes, last: int, *, timeout: float = 5.0) -> int:

@@ -54,6 +54,10 @@ class WorkerSettings(BaseSettings):
     #: Streamed text arriving within this many ms of the last chunk is merged into the next
     #: chunk (the first token is always sent at once). 0: one message per token.
     stream_interval_ms: float = Field(default=20.0, ge=0, le=1000)
+    #: A ``jobs.run`` job (no record written yet) on a loaded model runs before its claim
+    #: is written; the claim is written with the result, or once the run has lasted this
+    #: many ms. 0: always write the claim before running.
+    claim_delay_ms: float = Field(default=50.0, ge=0, le=1000)
     #: PyTorch intra-op threads for CPU inference; default: all cores but one, which is
     #: left to the event loop and NATS (for small models fewer threads are also faster).
     torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1), ge=1)

@@ -2,15 +2,21 @@
 
 Every write to the job record is a compare-and-set on the revision this worker last saw.
 The claim uses the revision carried in the dispatch message, so a warm job costs two KV
-writes (claim, result) and no read. When a write loses (the control plane cancelled the
-job, another worker took over a redelivered message, or a duplicate delivery already
-finished), the executor re-reads the record and decides again from what it finds, by the
-rules of :mod:`mnemos.lifecycle`; it never overwrites a terminal state.
+writes (claim, result) and no read; a ``jobs.run`` job whose record nobody has written yet
+(revision 0, first delivery, model in memory) costs one: its claim is *deferred*. It runs at
+once, and the claim is written only if the run outlives ``claim_delay_s``; a job that ends
+sooner records its claim and its result in one compare-and-set (see :meth:`Executor._claim`).
+
+When a write loses (the control plane cancelled the job, another worker took over a
+redelivered message, or a duplicate delivery already finished), the executor re-reads the
+record and decides again from what it finds, by the rules of :mod:`mnemos.lifecycle`; it
+never overwrites a terminal state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -77,6 +83,13 @@ class Execution:
     stream: "_ChunkStream | None" = None
     streaming_write: asyncio.Task[None] | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    #: The claim is applied to ``record`` but not written yet (a deferred claim): the next
+    #: write creates the record with it, and a conflict re-applies it to what is stored.
+    unwritten: bool = False
+    #: The arguments of this attempt's :func:`mnemos.lifecycle.claim` (for re-applying it).
+    claim_args: dict[str, Any] = field(default_factory=dict)
+    #: The run has ended (its result is being recorded): a deferred claim goes with it.
+    ran: bool = False
 
     @property
     def job_id(self) -> str:
@@ -93,9 +106,8 @@ class _ChunkStream:
     token. Chunks with ``data`` (items of a Python generator) are never merged.
 
     Chunks go out without an ack request; they are still stored in order: the stream takes
-    one connection's messages in order, it discards old messages rather than refuse new
-    ones, and the attempt's final message, published after them with an ack, returns only
-    once everything before it on this connection has been processed.
+    one connection's messages in order and discards old messages rather than refuse new
+    ones. The attempt's final message follows them the same way (see ``_announce``).
     """
 
     def __init__(self, nc: NATS, subject: str, job_id: str, attempt: int, interval_s: float) -> None:
@@ -166,6 +178,7 @@ class Executor:
         stream_interval_s: float = 0.0,
         metrics: WorkerMetrics | None = None,
         supervisor: Supervisor | None = None,
+        claim_delay_s: float = 0.0,
     ) -> None:
         self.nc = nc
         self.js = nc.jetstream()
@@ -183,6 +196,10 @@ class Executor:
         self.completed = 0
         self.failed = 0
         self.duplicates = 0
+        #: Deferred claims are written once a run has lasted this long (0: never deferred).
+        self.claim_delay_s = claim_delay_s
+        self._deferred: collections.deque[tuple[float, Execution]] = collections.deque()
+        self._deferred_timer: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ entry points
 
@@ -244,7 +261,8 @@ class Executor:
         warm = self.pool.is_loaded(key)
         if not await self._claim(ex, warm):
             return
-        await self._publish_status(ex, ex.record.status)
+        if not ex.unwritten:
+            await self._publish_status(ex, ex.record.status)
         attempt = ex.record.attempt
         ctx = ExecutionContext(job_id=ex.job_id, attempt=attempt, spec=spec)
         ex.ctx = ctx
@@ -271,6 +289,7 @@ class Executor:
                     output = await self._run(ex, model, ctx)
                 finally:
                     run_ms = (time.perf_counter() - ctx.started) * 1000.0
+                    ex.ran = True
         except JobCancelled as e:
             status, error = "cancelled", e
         except JobTimeout as e:
@@ -388,11 +407,17 @@ class Executor:
                 try:
                     ex.revision = await self.jobs.update(new, ex.revision, data)
                     ex.record, ex.encoded = new, data
+                    ex.unwritten = False
                     return True
                 except Conflict:
                     pass
                 try:
                     rec, ex.revision = await self.jobs.get(ex.job_id, fresh=True)
+                    if ex.unwritten and not self._reclaim(ex, rec):
+                        # Written by someone else meanwhile (the control plane's deferred
+                        # record, a cancel): this attempt's claim does not apply to it.
+                        ex.record, ex.encoded, ex.unwritten = rec, None, False
+                        return False
                 except JobNotFound:
                     if ex.revision != 0:
                         raise  # it was written once and is gone now
@@ -412,11 +437,25 @@ class Executor:
         except Exception:  # noqa: BLE001 - not a JetStream message (never in practice)
             dispatch_seq, redelivered = None, True
         outcome = lifecycle.Claim.STALE
+        ex.claim_args = {"generation": generation, "redelivered": redelivered, "warm": warm,
+                         "dispatch_seq": dispatch_seq}
+        rec = ex.record
+        if (warm and ex.revision == 0 and not redelivered and self.claim_delay_s > 0
+                and rec.reply_to is not None and rec.spec.idempotency_key is None):
+            # A ``jobs.run`` job without an idempotency key: its caller learns its id only
+            # from the answer, and the control plane writes its queued record only if no
+            # worker claimed it within ``run_record_delay_s`` (1 s), so nobody can address it
+            # yet. Run first; write the claim with the result, or when the run outlives the
+            # delay. A worker that dies within it leaves no attempt on record; the message
+            # comes back (to this or another worker) after its ack wait.
+            if self._reclaim(ex, ex.record):
+                ex.unwritten = True
+                self._defer(ex)
+                return True
 
         def claim(rec: JobRecord) -> JobRecord | None:
             nonlocal outcome
-            outcome = lifecycle.claim(rec, self.worker_id, utcnow(), generation=generation,
-                                      redelivered=redelivered, warm=warm, dispatch_seq=dispatch_seq)
+            outcome = lifecycle.claim(rec, self.worker_id, utcnow(), **ex.claim_args)
             return rec if outcome in (lifecycle.Claim.TAKEN, lifecycle.Claim.ENDED) else None
 
         try:
@@ -439,6 +478,48 @@ class Executor:
             await self._ensure_announced(ex)
         await ex.msg.ack()
         return False
+
+    def _reclaim(self, ex: Execution, rec: JobRecord) -> bool:
+        """Apply this attempt's claim to ``rec`` (in place); whether it was taken."""
+        return lifecycle.claim(rec, self.worker_id, utcnow(), **ex.claim_args) is lifecycle.Claim.TAKEN
+
+    def _defer(self, ex: Execution) -> None:
+        """Write ``ex``'s claim in ``claim_delay_s`` unless its result is written first. One
+        timer serves every deferred claim (they fall due in the order they were made)."""
+        loop = asyncio.get_running_loop()
+        self._deferred.append((loop.time() + self.claim_delay_s, ex))
+        if self._deferred_timer is None:
+            self._deferred_timer = loop.call_at(self._deferred[0][0], self._claims_due)
+
+    def _claims_due(self) -> None:
+        self._deferred_timer = None
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._deferred and self._deferred[0][0] <= now:
+            _, ex = self._deferred.popleft()
+            if ex.unwritten and not ex.ran and self.running.get(ex.job_id) is ex:
+                self.supervisor.spawn_oneshot(f"claim-{ex.job_id}", self._write_deferred_claim(ex))
+        if self._deferred:
+            self._deferred_timer = loop.call_at(self._deferred[0][0], self._claims_due)
+
+    async def _write_deferred_claim(self, ex: Execution) -> None:
+        """The run outlived the claim delay: record the claim (and say so on the result
+        stream). If the job turns out not to be this attempt's (cancelled, or queued again
+        meanwhile), the run is stopped and its result dropped."""
+        skipped = False
+
+        def keep(rec: JobRecord) -> JobRecord | None:
+            nonlocal skipped
+            if ex.unwritten:
+                return rec
+            skipped = True  # the result's write came first: nothing to do
+            return None
+
+        if await self._write(ex, keep):
+            await self._publish_status(ex, ex.record.status)
+        elif not skipped:
+            log.info("job %s: %s before its claim was written; stopping the run", ex.job_id, ex.record.status)
+            self.cancel(ex.job_id)
 
     async def _conclude(
         self,
@@ -525,12 +606,18 @@ class Executor:
             log.warning("job %s: status %s not published: %r", ex.job_id, status, e)
 
     async def _announce(self, ex: Execution) -> None:
-        """Answer a waiting ``jobs.run`` and write the attempt's final result message."""
+        """Answer a waiting ``jobs.run`` and write the attempt's final result message.
+
+        The final message goes out without an ack request, like the chunks before it (the
+        server stores one connection's messages in order). It is a notification: the
+        record, written before it with compare-and-set, is the authority, and every reader
+        (``Client.wait``, ``Client.events``, the gateway) falls back to the record when the
+        final message is missing, so waiting for its ack would cost a round trip and an ack
+        message per job and protect nothing."""
         record = ex.record
         if record.reply_to and record.terminal:
             await self.nc.publish(record.reply_to, ex.encoded or encode(record))
-        final = ResultFinal.of(record)
-        await self.jobs.publisher.publish(self.names.results_subject(record.job_id), encode(final))
+        await self.nc.publish(self.names.results_subject(record.job_id), encode(ResultFinal.of(record)))
 
     async def hand_back(self, ex: Execution) -> None:
         """Give a job back to the queue at once (drain timeout): not a failed attempt."""

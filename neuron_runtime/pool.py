@@ -49,8 +49,26 @@ class _Entry:
     last_used: float = field(default_factory=time.monotonic)
 
 
+_canonical: dict[Any, str] = {}
+
+
 def pool_key(runtime: str, family: str, version: str, overrides: dict[str, Any]) -> PoolKey:
-    return (runtime, family, version, json.dumps(overrides, sort_keys=True, separators=(",", ":")))
+    """The pool's key for a job: its model and its runtime-config overrides, canonical."""
+    return (runtime, family, version, _canonical_json(overrides))
+
+
+def _canonical_json(overrides: dict[str, Any]) -> str:
+    # Jobs repeat the same few overrides (a function name): remember flat ones' encodings.
+    try:
+        flat = tuple(sorted((k, type(v), v) for k, v in overrides.items()))  # 1, 1.0, True differ
+        known = _canonical.get(flat)
+    except TypeError:  # a nested or unorderable value: encode it each time
+        return json.dumps(overrides, sort_keys=True, separators=(",", ":"))
+    if known is None:
+        known = json.dumps(overrides, sort_keys=True, separators=(",", ":"))
+        if len(_canonical) < 4096:
+            _canonical[flat] = known
+    return known
 
 
 class ModelPool:

@@ -268,6 +268,7 @@ class Worker:
             self.worker_id,
             on_finished=self._on_finished,
             stream_interval_s=s.stream_interval_ms / 1000.0,
+            claim_delay_s=s.claim_delay_ms / 1000.0,
             metrics=self.metrics,
             supervisor=self.supervisor,
         )

@@ -8,7 +8,7 @@ Contract for ``run``:
 - stream output with ``ctx.emit(text)`` as it is produced (never blocks: the worker
   publishes asynchronously, in order);
 - stop promptly when ``ctx.cancelled`` is set (it is set on cancel and on timeout) - for
-  work in a thread, poll ``ctx.cancel_flag`` (a ``threading.Event``);
+  work in a thread, poll ``ctx.cancel_flag.is_set()`` (a :class:`CancelFlag`);
 - return a :class:`~mnemos.messages.JobOutput` (``metadata`` carries token counts and
   ``finish_reason`` for text runtimes);
 - raise a :class:`mnemos.errors.MnemosError` subclass for a known failure; anything else
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,24 @@ from typing import Any, ClassVar
 from mnemos.errors import ValidationFailed
 from mnemos.messages import JobInput, JobOutput, JobSpec, ModelRecord
 
-__all__ = ["ExecutionContext", "LoadedModel", "Runtime", "text_prompt"]
+__all__ = ["CancelFlag", "ExecutionContext", "LoadedModel", "Runtime", "text_prompt"]
+
+
+class CancelFlag:
+    """A flag a thread can poll (``is_set``) and the event loop sets once: what runtimes
+    need of a ``threading.Event`` (nobody blocks on it), without its lock and condition,
+    which would be built for every job. Reading and writing one attribute is atomic."""
+
+    __slots__ = ("_set",)
+
+    def __init__(self) -> None:
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
 
 
 @dataclass
@@ -42,7 +58,7 @@ class ExecutionContext:
     #: Called with (text, data) for every streamed chunk; set by the worker.
     sink: Callable[[str, Any], None] = field(default=lambda text, data: None)
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
-    cancel_flag: threading.Event = field(default_factory=threading.Event)
+    cancel_flag: CancelFlag = field(default_factory=CancelFlag)
     started: float = field(default_factory=time.perf_counter)
     first_chunk_at: float | None = None
     chunks: int = 0
