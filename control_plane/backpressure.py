@@ -110,7 +110,7 @@ class QueueDepth:
         by_level: dict[tuple[str, int], int] = {}
         for subject, n in subjects.items():
             try:
-                runtime, priority = Names.parse_dispatch_subject(subject)
+                runtime, priority, _model = Names.parse_dispatch_subject(subject)
             except (IndexError, ValueError):
                 continue
             by_runtime[runtime] = by_runtime.get(runtime, 0) + n

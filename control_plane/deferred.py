@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 
 from nats.js import JetStreamContext
+from nats.js.errors import NotFoundError
 
 from mnemos.connection import unavailable_from
 from mnemos.errors import Conflict, MnemosError
@@ -108,6 +109,8 @@ class DeferredRecords:
         """The consumer's last delivered stream sequence (0 if unknown: then write)."""
         try:
             info = await self.js.consumer_info(self.stream, consumer)
+        except NotFoundError:  # no worker has pulled this model yet: nothing delivered
+            return 0
         except Exception as e:  # nats-py raises several types; writing is the safe answer
             log.warning("consumer info for %s failed (%r); writing queued records", consumer, e)
             return 0

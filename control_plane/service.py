@@ -110,7 +110,7 @@ from mnemos.messages import (
     encode_dispatch,
     utcnow,
 )
-from mnemos.names import HDR_MSG_ID, HDR_TENANT, RUNTIMES, SERVICE_NAME, SERVICE_VERSION, TEXT_RUNTIMES
+from mnemos.names import HDR_MSG_ID, HDR_TENANT, RUNTIMES, SERVICE_NAME, SERVICE_VERSION, TEXT_RUNTIMES, model_token
 from mnemos.runtime_config import job_runtime_config
 from mnemos.tasks import Supervisor
 
@@ -439,7 +439,8 @@ class ControlPlane:
             raise
         record.queued_seq = seq
         if reply_to is not None and spec.idempotency_key is None and self.deferred is not None:
-            self.deferred.add(record, self.names.dispatch_consumer(record.runtime, spec.priority), seq)
+            self.deferred.add(record, self.names.dispatch_consumer(
+                record.runtime, spec.priority, model_token(spec.model.family, spec.model.version)), seq)
         else:
             try:
                 await jobs.create(record)

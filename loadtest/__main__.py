@@ -1,5 +1,5 @@
-"""``python -m loadtest bench noop|stream|http|coldstart|burst|actor|batch`` and ``python -m loadtest chaos``
-(see loadtest/bench.py, loadtest/autoscale_bench.py and docs/benchmarks.md)."""
+"""``python -m loadtest bench noop|stream|http|coldstart|burst|actor|batch|generate|affinity|workerstart|scale``
+and ``python -m loadtest chaos`` (see the modules of loadtest/ and docs/benchmarks.md)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from loadtest import scale_bench
 from loadtest.bench import NoopOptions, StreamOptions, bench_noop, bench_stream, local_stack
 from mnemos.config import NatsSettings
 
@@ -79,6 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     batch.add_argument("--callers", type=int, default=8)
     batch.add_argument("--calls", type=int, default=50, help="per caller and method")
     batch.add_argument("--json", action="store_true")
+    gen = kinds.add_parser("generate", help="the demo model in-process: total tokens/s of 1..N concurrent streams")
+    gen.add_argument("--streams", type=int, nargs="+", default=[1, 2, 4, 8])
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--rounds", type=int, default=5)
+    gen.add_argument("--max-batch-size", type=int, default=8)
+    gen.add_argument("--json", action="store_true")
+    aff = kinds.add_parser("affinity", help="two models alternating on two one-model workers: warm hits")
+    aff.add_argument("--jobs", type=int, default=400)
+    aff.add_argument("--concurrency", type=int, default=1, help="jobs in flight (alternating models)")
+    aff.add_argument("--max-tokens", type=int, default=4)
+    aff.add_argument("--json", action="store_true")
+    start = kinds.add_parser("workerstart", help="a worker process from start to ready: fresh and forked")
+    start.add_argument("--runs", type=int, default=5)
+    start.add_argument("--no-zygote", action="store_true", help="only fresh processes")
+    start.add_argument("--json", action="store_true")
+    scale = kinds.add_parser("scale", help="cost vs queued jobs: submit, jobs.list, memory, storage, drain")
+    scale_bench.add_arguments(scale)
     chaos = sub.add_parser("chaos", help="jobs under faults: lost / duplicated summary")
     chaos.add_argument("--jobs", type=int, default=5000)
     chaos.add_argument("--workers", type=int, default=3)
@@ -133,6 +151,28 @@ def main(argv: list[str] | None = None) -> int:
                 result = asyncio.run(bench_actor(stack.settings, ActorOptions(args.n, args.window, args.roundtrips)))
             else:
                 result = asyncio.run(bench_batch(stack.settings, BatchOptions(args.callers, args.calls)))
+    elif args.kind == "generate":
+        from loadtest.generate_bench import GenerateOptions, bench_generate
+
+        result = asyncio.run(bench_generate(GenerateOptions(
+            streams=tuple(args.streams), max_tokens=args.max_tokens, rounds=args.rounds,
+            max_batch_size=args.max_batch_size)))
+    elif args.kind == "affinity":
+        from loadtest.affinity_bench import AffinityOptions, bench_affinity
+
+        print("starting a local stack (2 workers holding one model each) ...", flush=True)
+        result = bench_affinity(AffinityOptions(jobs=args.jobs, concurrency=args.concurrency,
+                                                max_tokens=args.max_tokens))
+    elif args.kind == "workerstart":
+        from loadtest.start_bench import StartOptions, bench_workerstart
+
+        result = bench_workerstart(StartOptions(runs=args.runs, zygote=not args.no_zygote))
+    elif args.kind == "scale":
+        rows = asyncio.run(scale_bench.bench_scale(scale_bench.options_from_args(args)))
+        print(scale_bench.format_table(rows))
+        if args.json:
+            print(json.dumps(rows))
+        return 0
     elif args.kind == "http":
         from loadtest.http_bench import HttpOptions, bench_http
 

@@ -453,6 +453,9 @@ class WorkerRecord(_Strict, tag="io.mnemos.v1.worker", tag_field="type"):
     jobs_failed: NonNegInt = 0
     #: Why the worker is in status ``error`` (None otherwise).
     error: str | None = None
+    #: How many models fit in its memory at once (``MNEMOS_WORKER_MAX_LOADED_MODELS``; 0:
+    #: not said). Other workers read it to route a model's jobs to who has room for it.
+    max_loaded_models: NonNegInt = 0
 
 
 class WorkerCommand(_Strict, tag="io.mnemos.v1.worker_command", tag_field="type"):

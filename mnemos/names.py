@@ -191,22 +191,33 @@ class Names:
     def dispatch_subject(self, runtime: str, priority: int, family: str, version: str) -> str:
         return f"{self.prefix}.dispatch.{runtime}.{priority}.{model_token(family, version)}"
 
-    def dispatch_filter(self, runtime: str, priority: int | None = None) -> str:
-        """Filter for one runtime (all priorities) or one runtime and priority."""
+    def dispatch_filter(self, runtime: str, priority: int | None = None, model: str | None = None) -> str:
+        """Filter for one runtime (all priorities), one runtime and priority, or exactly one
+        (runtime, priority, model token) subject."""
         if priority is None:
             return f"{self.prefix}.dispatch.{runtime}.>"
-        return f"{self.prefix}.dispatch.{runtime}.{priority}.>"
+        if model is None:
+            return f"{self.prefix}.dispatch.{runtime}.{priority}.>"
+        return f"{self.prefix}.dispatch.{runtime}.{priority}.{model}"
 
-    def ready_subject(self, runtime: str, priority: int) -> str:
-        """Core subject that rings idle workers' doorbells for a level without queueing a job
-        (a job nak'ed with a delay becomes available again)."""
-        return f"{self.prefix}.ready.{runtime}.{priority}"
+    def ready_subject(self, runtime: str, priority: int, model: str) -> str:
+        """Core subject that rings idle workers' doorbells for a level (runtime, priority,
+        model token) without queueing a job (a job nak'ed with a delay becomes available
+        again)."""
+        return f"{self.prefix}.ready.{runtime}.{priority}.{model}"
 
     def ready_filter(self, runtime: str) -> str:
         return f"{self.prefix}.ready.{runtime}.>"
 
-    def dispatch_consumer(self, runtime: str, priority: int) -> str:
-        """Durable pull consumer shared by every worker of ``runtime`` for one priority."""
+    def dispatch_consumer(self, runtime: str, priority: int, model: str) -> str:
+        """Durable pull consumer shared by every worker of ``runtime`` for one priority and
+        one model (its subject token, e.g. ``demo-gpt2:v1``): workers pull the models they
+        hold first (``neuron_runtime.affinity``)."""
+        return f"{self.prefix}-{runtime}-p{priority:02d}-{model}"
+
+    def legacy_dispatch_consumer(self, runtime: str, priority: int) -> str:
+        """The consumer of one runtime and priority, for all models, of releases before
+        per-model consumers (its filter overlaps theirs: workers delete it)."""
         return f"{self.prefix}-{runtime}-p{priority:02d}"
 
     @staticmethod
@@ -220,10 +231,19 @@ class Names:
         return parts[2], int(parts[3]), model_name(family, version.replace("_", "."))
 
     @staticmethod
-    def parse_dispatch_subject(subject: str) -> tuple[str, int]:
-        """``(runtime, priority)`` of a dispatch or ready subject."""
+    def parse_dispatch_subject(subject: str) -> tuple[str, int, str]:
+        """``(runtime, priority, model token)`` of a dispatch or ready subject (ValueError or
+        IndexError if it is not one)."""
         parts = subject.split(".")
-        return parts[2], int(parts[3])
+        if len(parts) != 5:
+            raise ValueError(f"not a dispatch subject: {subject!r}")
+        return parts[2], int(parts[3]), parts[4]
+
+    @staticmethod
+    def token_model(token: str) -> str:
+        """``family:version`` of a model subject token (the inverse of :func:`model_token`)."""
+        family, _, version = token.partition(":")
+        return model_name(family, version.replace("_", "."))
 
     # -- results -----------------------------------------------------------------------
     @property

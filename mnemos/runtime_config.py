@@ -62,6 +62,10 @@ class TransformersConfig(_Config, frozen=True):
     trust_remote_code: bool = False
     use_flash_attention_2: bool = False
     low_cpu_mem_usage: bool = True
+    #: Sequences one loaded model decodes together (continuous batching: concurrent jobs
+    #: share each forward pass, joining and leaving between steps). 1 runs one generation
+    #: at a time; more raises throughput on a busy model at some latency per token.
+    max_batch_size: Annotated[int, Meta(ge=1, le=256)] = 8
 
     def __post_init__(self) -> None:
         if self.load_in_8bit and self.load_in_4bit:

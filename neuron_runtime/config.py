@@ -58,6 +58,10 @@ class WorkerSettings(BaseSettings):
     #: is written; the claim is written with the result, or once the run has lasted this
     #: many ms. 0: always write the claim before running.
     claim_delay_ms: float = Field(default=50.0, ge=0, le=1000)
+    #: Warm routing: a job for a model that another live worker of its runtime holds (and
+    #: has a free slot for) is left to that worker this many ms before this one takes it
+    #: (``neuron_runtime/affinity.py``). 0: no deferral (warm models are still pulled first).
+    spill_delay_ms: float = Field(default=20.0, ge=0, le=1000)
     #: PyTorch intra-op threads for CPU inference; default: all cores but one, which is
     #: left to the event loop and NATS (for small models fewer threads are also faster).
     torch_threads: int = Field(default_factory=lambda: max(1, (os.cpu_count() or 2) - 1), ge=1)

@@ -221,7 +221,7 @@ class Executor:
                 # Queued again (we were presumed dead): not ours to absorb; let it come back
                 # once this stale execution is gone, here or elsewhere.
                 await msg.nak(delay=0.2)
-                self.ring_when_ready(dispatch.record.runtime, dispatch.record.spec.priority, 0.2)
+                self.ring_when_ready(msg.subject, 0.2)
             return
         ex = Execution(msg=msg, record=dispatch.record, revision=dispatch.revision,
                        generation=dispatch.record.dispatch)
@@ -559,7 +559,7 @@ class Executor:
         await self._announce(ex)
         if retrying and retry_after is not None:
             await ex.msg.nak(delay=retry_after)
-            self.ring_when_ready(record.runtime, record.spec.priority, retry_after)
+            self.ring_when_ready(ex.msg.subject, retry_after)
             return
         if record.status == "completed":
             self.completed += 1
@@ -571,9 +571,15 @@ class Executor:
         if self.on_finished is not None:
             self.on_finished(record)
 
-    def ring_when_ready(self, runtime: str, priority: int, delay: float) -> None:
-        """A nak'ed job comes back without a publish; ring idle workers' doorbells then."""
-        subject = self.names.ready_subject(runtime, priority)
+    def ring_when_ready(self, dispatch_subject: str, delay: float) -> None:
+        """A nak'ed job (of ``dispatch_subject``) comes back without a publish; ring idle
+        workers' doorbells for its level then."""
+        try:
+            runtime, priority, model = Names.parse_dispatch_subject(dispatch_subject)
+        except (IndexError, ValueError):
+            log.warning("not ringing for a message on %s (not a dispatch subject)", dispatch_subject)
+            return
+        subject = self.names.ready_subject(runtime, priority, model)
 
         def ring() -> None:
             self.supervisor.spawn_oneshot(f"ring-{runtime}-{priority}", self.nc.publish(subject, b""))

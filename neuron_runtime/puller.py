@@ -1,8 +1,11 @@
-"""Pulling dispatch messages highest priority first, with no polling when idle.
+"""Pulling dispatch messages highest priority first, warm models first, with no polling when idle.
 
-Layout: one durable pull consumer per (runtime, priority), shared by every worker of that
-runtime (work-queue streams allow exactly one consumer per filter). ``fetch()`` would
-return messages in stream order, so priority is the worker's job:
+Layout: one durable pull consumer per (runtime, priority, model), a *level*, shared by
+every worker of that runtime (work-queue streams allow exactly one consumer per filter),
+created by the first worker that pulls the level. ``fetch()`` would return messages in
+stream order, so priority is the worker's job, and so is the model: within a priority a
+worker pulls the models it holds first, and leaves a model that a peer holds to that peer
+for a moment (:mod:`neuron_runtime.affinity`).
 
 - **Doorbell**: the worker holds a plain core subscription on
   ``mnemos.dispatch.<runtime>.>``, so every new job's publish tells it which level just
@@ -15,6 +18,8 @@ return messages in stream order, so priority is the worker's job:
   trip under load. Only when that finds nothing although a level rang, at start, and on
   idle re-checks does it ask ``STREAM.INFO`` (``subjects_filter``) for the count queued
   per subject.
+- **Deferral**: a level whose model a better peer should take is skipped until its spill
+  delay is up (the doorbell rings it again then); a pull that finds it drained forgets it.
 
 Pull requests are raw ``$JS.API.CONSUMER.MSG.NEXT`` requests on one inbox, one at a time,
 so a request never asks for more messages than the worker has free slots. (Delivered
@@ -37,13 +42,14 @@ from nats.js import api as jsapi
 from nats.js.errors import BadRequestError
 
 from mnemos.connection import barrier, patiently
-from mnemos.names import PRIORITIES, Names
+from mnemos.names import Names
+from neuron_runtime.affinity import Affinity
 
 __all__ = ["PriorityPuller", "Doorbell"]
 
 log = logging.getLogger("mnemos.puller")
 
-Level = tuple[str, int]  # (runtime, priority)
+Level = tuple[str, int, str]  # (runtime, priority, model subject token)
 
 
 @dataclass
@@ -84,6 +90,7 @@ class PriorityPuller:
         *,
         ack_wait_s: float = 30.0,
         max_deliver: int = -1,
+        affinity: Affinity | None = None,
     ) -> None:
         self.nc = nc
         self.names = names
@@ -105,13 +112,14 @@ class PriorityPuller:
         self._inbox = ""
         self._subs: list[Subscription] = []
         self._info_subject = names.stream_info_subject(names.dispatch_stream)
+        self.affinity = affinity
+        #: Levels left to a better peer, and when this worker may take them after all.
+        self._deferred: dict[Level, float] = {}
+        #: Levels whose consumer this worker has made sure of.
+        self._consumers: set[Level] = set()
 
     async def start(self) -> None:
-        """Create the consumers (idempotent), the pull inbox and the doorbells."""
-        js = self.nc.jetstream()
-        for runtime in self.runtimes:
-            for priority in PRIORITIES:
-                await self._ensure_consumer(js, runtime, priority)
+        """The pull inbox and the doorbells (consumers are made when a level is first pulled)."""
         self._inbox = self.nc.new_inbox()
         self._subs.append(await self.nc.subscribe(self._inbox + ".*", cb=self._on_inbox))
         for runtime in self.runtimes:
@@ -127,13 +135,16 @@ class PriorityPuller:
             if not pull.done.done():
                 pull.done.set_result(pull.received)
 
-    async def _ensure_consumer(self, js: object, runtime: str, priority: int) -> None:
-        name = self.names.dispatch_consumer(runtime, priority)
+    async def _ensure_consumer(self, level: Level) -> None:
+        if level in self._consumers:
+            return
+        runtime, priority, model = level
+        name = self.names.dispatch_consumer(runtime, priority, model)
         config = jsapi.ConsumerConfig(
             durable_name=name,
             name=name,
-            description=f"MNEMOS {runtime} jobs at priority {priority}",
-            filter_subject=self.names.dispatch_filter(runtime, priority),
+            description=f"MNEMOS {runtime} jobs at priority {priority} for {Names.token_model(model)}",
+            filter_subject=self.names.dispatch_filter(runtime, priority, model),
             ack_policy=jsapi.AckPolicy.EXPLICIT,
             deliver_policy=jsapi.DeliverPolicy.ALL,
             ack_wait=self.ack_wait_s,
@@ -141,13 +152,29 @@ class PriorityPuller:
             max_ack_pending=-1,
             max_waiting=4096,
         )
+        js = self.nc.jetstream()
+        for _ in range(2):
+            try:
+                await patiently(lambda: js.add_consumer(self.names.dispatch_stream, config), f"create consumer {name}")
+                break
+            except BadRequestError as e:
+                if e.err_code == 10148:  # exists with another config: keep the operator's
+                    log.warning("consumer %s exists with a different configuration; using it as is", name)
+                    break
+                if e.err_code != 10100:  # 10100: overlaps another consumer's filter
+                    raise
+                await self._drop_legacy_consumer(js, runtime, priority)
+        self._consumers.add(level)
+
+    async def _drop_legacy_consumer(self, js: object, runtime: str, priority: int) -> None:
+        """An older release's consumer of the whole (runtime, priority) overlaps the
+        per-model ones; its unacknowledged jobs come back to the new consumers."""
+        legacy = self.names.legacy_dispatch_consumer(runtime, priority)
+        log.warning("deleting consumer %s of an older release (one consumer per model now)", legacy)
         try:
-            await patiently(lambda: js.add_consumer(self.names.dispatch_stream, config),  # type: ignore[attr-defined]
-                            f"create consumer {name}")
-        except BadRequestError as e:
-            if e.err_code != 10148:  # exists with another config: keep the operator's
-                raise
-            log.warning("consumer %s exists with a different configuration; using it as is", name)
+            await js.delete_consumer(self.names.dispatch_stream, legacy)  # type: ignore[attr-defined]
+        except Exception as e:  # another worker deleted it first
+            log.debug("consumer %s not deleted: %r", legacy, e)
 
     # ------------------------------------------------------------------ inbound
 
@@ -197,7 +224,8 @@ class PriorityPuller:
             return await self._pull(level, batch, wait_s)
 
     async def _pull(self, level: Level, batch: int, wait_s: float | None) -> int:
-        runtime, priority = level
+        await self._ensure_consumer(level)
+        runtime, priority, model = level
         rid = str(next(self._ids))
         pull = _Pull(batch=batch, done=asyncio.get_running_loop().create_future())
         self._pulls[rid] = pull
@@ -210,7 +238,7 @@ class PriorityPuller:
         try:
             await self.nc.publish(
                 self.names.consumer_next_subject(
-                    self.names.dispatch_stream, self.names.dispatch_consumer(runtime, priority)
+                    self.names.dispatch_stream, self.names.dispatch_consumer(runtime, priority, model)
                 ),
                 msgspec.json.encode(body),
                 reply=f"{self._inbox}.{rid}",
@@ -218,7 +246,7 @@ class PriorityPuller:
             try:
                 return await asyncio.wait_for(asyncio.shield(pull.done), timeout=(wait_s or 0.0) + 5.0)
             except TimeoutError:
-                log.warning("pull on %s p%d got no answer; continuing", runtime, priority)
+                log.warning("pull on %s p%d %s got no answer; continuing", runtime, priority, model)
                 self._resync = True
                 return pull.received
         finally:
@@ -228,7 +256,7 @@ class PriorityPuller:
             self._last_pending = pull.pending if pull.received >= pull.batch else 0
 
     async def queued(self) -> dict[Level, int]:
-        """Messages in the stream per (runtime, priority) (including ones being worked on)."""
+        """Messages in the stream per level (including ones being worked on)."""
         body = msgspec.json.encode({"subjects_filter": self.names.dispatch_all})
         reply = await self.nc.request(self._info_subject, body, timeout=5.0)
         info = msgspec.json.decode(reply.data)
@@ -246,13 +274,21 @@ class PriorityPuller:
 
     async def pull_rung(self, levels: set[Level], free: int, wait_s: float) -> int:
         """After the doorbell woke an idle worker: pull the rung levels, highest priority
-        first, each as a long poll of up to ``wait_s`` (jobs that arrive meanwhile are
-        delivered through it at once). No ``STREAM.INFO`` round trip on this path."""
+        first, warm models first, each as a long poll of up to ``wait_s`` (jobs that arrive
+        meanwhile are delivered through it at once). No ``STREAM.INFO`` round trip on this
+        path. A level left to a better peer is kept as a hint for the next sweep."""
         taken = 0
-        for level in sorted(levels, key=lambda lv: -lv[1]):
+        for level in self._by_priority(levels):
             if taken >= free:
                 break
-            taken += await self.pull(level, free - taken, wait_s)
+            if self._defers(level):
+                self._hints.add(level)
+                continue
+            # A level whose spill delay is up was stored long ago: no long poll for it.
+            got = await self.pull(level, free - taken, None if level in self._deferred else wait_s)
+            if got < free - taken:
+                self._deferred.pop(level, None)
+            taken += got
         return taken
 
     async def sweep(self, free: int, rung: set[Level] | None = None) -> int:
@@ -260,9 +296,10 @@ class PriorityPuller:
 
         Where to look comes from what the worker already knows, so a sweep under load is
         one ``no_wait`` pull: levels whose doorbell rang (``rung``, kept until a pull finds
-        the level drained) and levels whose last pull said more were pending. ``STREAM.INFO`` is asked only
-        when that finds nothing although a rung level should have had a job (its publish
-        can ring a hair before the stream stores it), at start, and on :meth:`resync`.
+        the level drained) and levels whose last pull said more were pending.
+        ``STREAM.INFO`` is asked only when that finds nothing although a rung level should
+        have had a job (its publish can ring a hair before the stream stores it), at
+        start, and on :meth:`resync`. Levels left to a better peer keep their hints.
         """
         if free <= 0:
             return 0
@@ -271,6 +308,8 @@ class PriorityPuller:
         taken = 0
         suspects: set[Level] = set()
         for level in self._by_priority(candidates):
+            if self._defers(level):
+                continue
             want = free - taken
             got = await self._pull_level(level, want, None)
             if got < want:  # drained (a level left unvisited keeps its hint)
@@ -285,6 +324,9 @@ class PriorityPuller:
         self._resync = False
         counts = await self.queued()
         for level in self._by_priority(set(counts) | suspects):
+            if self._defers(level):
+                self._hints.add(level)
+                continue
             n = counts.get(level, 0)
             # A rung level the stream does not show yet gets a short waiting pull.
             taken += await self._pull_level(level, free - taken, None if n > 0 else 0.05)
@@ -297,10 +339,34 @@ class PriorityPuller:
         self._resync = True
 
     def _by_priority(self, levels: set[Level]) -> list[Level]:
+        """Highest priority first; within a priority, the models this worker holds first."""
         order = {rt: i for i, rt in enumerate(self.runtimes)}
-        return sorted(levels, key=lambda lv: (-lv[1], order.get(lv[0], 99)))
+        affinity = self.affinity
+        if affinity is None:
+            return sorted(levels, key=lambda lv: (-lv[1], order.get(lv[0], 99)))
+        return sorted(levels, key=lambda lv: (-lv[1], affinity.cost_here(Names.token_model(lv[2])),
+                                              order.get(lv[0], 99)))
+
+    def _defers(self, level: Level) -> bool:
+        """Whether to leave ``level`` to a better peer for now. The first time it says so
+        it rings the level's doorbell for when the spill delay is up; from then on the
+        level is taken (until a pull finds it drained, which forgets the deferral)."""
+        if self.affinity is None:
+            return False
+        loop = asyncio.get_running_loop()
+        due = self._deferred.get(level)
+        if due is not None:
+            return loop.time() < due
+        delay = self.affinity.defer_s(level[0], Names.token_model(level[2]))
+        if delay <= 0:
+            return False
+        self._deferred[level] = loop.time() + delay
+        loop.call_later(delay, self.doorbell.ring, level)
+        return True
 
     async def _pull_level(self, level: Level, batch: int, wait_s: float | None) -> int:
         got = await self.pull(level, batch, wait_s)
         self._pending[level] = self._last_pending if got else 0
+        if got < batch:  # drained: the next job of this level is rated afresh
+            self._deferred.pop(level, None)
         return got

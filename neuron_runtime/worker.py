@@ -49,9 +49,9 @@ from mnemos.messages import (
     utcnow,
 )
 from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
-from mnemos.names import Names
 from mnemos.tasks import Supervisor
 from neuron_runtime.actors import ActorPlacement
+from neuron_runtime.affinity import Affinity
 from neuron_runtime.cache import DiskCache
 from neuron_runtime.config import WorkerSettings
 from neuron_runtime.executor import Executor
@@ -72,6 +72,13 @@ log = logging.getLogger("mnemos.worker")
 #: How long a doorbell-woken idle worker keeps its pull open for more jobs of that level.
 #: It also bounds how long a higher-priority job can wait behind it while slots are free.
 _IDLE_LONG_POLL_S = 0.1
+
+
+def _configure_torch(threads: int) -> None:
+    """Import torch and set its CPU thread count (in a thread, off the event loop)."""
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 class _Services:
@@ -131,6 +138,7 @@ class Worker:
         self.pool: ModelPool | None = None
         self.executor: Executor | None = None
         self.puller: PriorityPuller | None = None
+        self.affinity: Affinity | None = None
         self.publisher: Publisher | None = None
         self.metrics = WorkerMetrics(self._metrics_state)
         self.metrics_server: MetricsServer | None = None
@@ -241,10 +249,6 @@ class Worker:
         await self.catalog.start(self.supervisor)
         self._enter("starting", publish=False)
         await self._write_record()
-        if {"transformers", "pytorch"} & set(self.runtimes):
-            import torch
-
-            torch.set_num_threads(s.torch_threads)
         disk = DiskCache(
             s.cache_dir,
             int(s.cache_budget_gb * 2**30),
@@ -272,8 +276,13 @@ class Worker:
             metrics=self.metrics,
             supervisor=self.supervisor,
         )
+        pool = self.pool
+        self.affinity = Affinity(self.worker_id, lambda: (set(pool.loaded_names()), s.max_loaded_models),
+                                 spill_delay_s=s.spill_delay_ms / 1000.0)
+        self._subs.append(await self.nc.subscribe(self.names.heartbeat_all, cb=self._on_peer_record))
         self.puller = PriorityPuller(
-            self.nc, self.names, list(self.runtimes), self._on_message, ack_wait_s=s.ack_wait_s
+            self.nc, self.names, list(self.runtimes), self._on_message, ack_wait_s=s.ack_wait_s,
+            affinity=self.affinity if s.spill_delay_ms > 0 else None,
         )
         self._subs.append(await self.nc.subscribe(self.names.cancel_all, cb=self._on_cancel))
         self._subs.append(
@@ -287,6 +296,11 @@ class Worker:
         await self.puller.start()
         self._enter("busy" if self._active else "idle", publish=False)  # a job may be in already
         await self._write_record()
+        if {"transformers", "pytorch"} & set(self.runtimes):
+            # After the worker is ready, not before: importing torch takes about a second
+            # in a fresh process (none in one forked from the zygote). A model load that
+            # comes first waits for the same import (Python's import lock).
+            self.supervisor.spawn_oneshot("import-torch", asyncio.to_thread(_configure_torch, s.torch_threads))
         self.supervisor.spawn("in-progress", self._every(s.ack_wait_s / 3, self.executor.touch_all))
         self.supervisor.spawn("pull", self._pull_loop())
         log.info(
@@ -473,11 +487,7 @@ class Worker:
             # and idle workers are rung for it (a nak'ed message comes back without a publish).
             self._spawn_job(msg.nak())
             if self.executor is not None:
-                try:
-                    runtime, priority = Names.parse_dispatch_subject(msg.subject)
-                    self.executor.ring_when_ready(runtime, priority, 0.01)
-                except (IndexError, ValueError):
-                    pass
+                self.executor.ring_when_ready(msg.subject, 0.01)
             return
         self._active += 1
         if self._status == "idle":
@@ -521,6 +531,15 @@ class Worker:
             self._request_exit(f"recycle: {reason}")
 
     # ------------------------------------------------------------------ signals
+
+    async def _on_peer_record(self, msg: Msg) -> None:
+        """Another worker's record (its heartbeat): who holds which model, for routing."""
+        if self.affinity is None:
+            return
+        try:
+            self.affinity.heard(decode(msg.data, WorkerRecord))
+        except MnemosError as e:
+            log.debug("ignoring an unreadable worker record on %s: %s", msg.subject, e)
 
     async def _on_cancel(self, msg: Msg) -> None:
         job_id = msg.subject.rpartition(".")[2]
@@ -595,6 +614,7 @@ class Worker:
             jobs_completed=ex.completed if ex else 0,
             jobs_failed=ex.failed if ex else 0,
             error=self.error,
+            max_loaded_models=self.settings.max_loaded_models,
         )
 
     def _heartbeat_soon(self) -> None:

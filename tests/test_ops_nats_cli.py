@@ -96,6 +96,7 @@ from mnemos.names import (
     SERVICE_NAME,
     Names,
     model_key,
+    model_token,
 )
 from registry.demo import DEMO_FUNCTIONS_FAMILY, DEMO_FUNCTIONS_VERSION, DEMO_MODEL_FAMILY, DEMO_MODEL_VERSION
 from tests.conftest import assert_eventually, drop_namespace
@@ -428,7 +429,8 @@ def name_catalog(n: Names) -> dict[str, str]:
         "cancel": n.cancel_subject(JOB), "api queue group": n.api_queue_group,
     }
     names |= {f"api {e.name}": e.subject(n) for e in ENDPOINTS}
-    names |= {f"consumer {r} {p}": n.dispatch_consumer(r, p) for r in RUNTIMES for p in PRIORITIES}
+    names |= {f"consumer {r} {p} {m}": n.dispatch_consumer(r, p, m) for r in RUNTIMES for p in PRIORITIES
+              for m in (model_token("demo-fn", "v1"), model_token("demo-gpt2", "v1"))}
     return names
 
 
@@ -505,7 +507,7 @@ def test_documented_commands_use_the_names_the_code_builds() -> None:
     n = Names()
     stable = [n.dispatch_stream, n.results_stream, n.jobs_bucket, n.workers_bucket, n.models_bucket,
               n.idempotency_bucket, n.artifacts_bucket, SERVICE_NAME, n.api_queue_group, n.results_all,
-              n.heartbeat_all, n.dispatch_consumer("python", 5)]
+              n.heartbeat_all, n.dispatch_consumer("python", 5, model_token("demo-fn", "v1"))]
     assert (n.dispatch_stream, n.results_stream) == ("MNEMOS_DISPATCH", "MNEMOS_RESULTS")
     assert [name for name in stable if f"`{name}`" not in text and name not in str(commands)] == []
 
@@ -737,8 +739,11 @@ async def test_queue_as_stream_and_consumer_commands_show_it(
     control_plane: Any, start_worker: Any, demo_fn: Any, client: Any, cli: NatsCli, names: Names
 ) -> None:
     worker = await start_worker(runtimes=["python"])
+    fn = model_token("demo-fn", "v1")
+    for p in (5, 9):  # a worker makes a level's consumer when it first pulls it
+        assert (await client.run(job_spec("demo-fn:v1", args=["warm"], priority=p))).status == "completed"
     assert {c["name"] for c in await cli.consumer_ls(names.dispatch_stream)} == {
-        names.dispatch_consumer("python", p) for p in PRIORITIES}
+        names.dispatch_consumer("python", p, fn) for p in (5, 9)}
     assert {names.dispatch_stream, names.results_stream} <= set(await cli.stream_ls())
     assert not [s for s in await cli.stream_ls() if s.startswith(("KV_", "OBJ_"))]
 
@@ -750,8 +755,8 @@ async def test_queue_as_stream_and_consumer_commands_show_it(
     assert info["config"]["retention"] == "workqueue" and info["state"]["messages"] == 2
     assert await cli.stream_subjects(names.dispatch_stream) == {
         names.dispatch_subject("python", p, "demo-fn", "v1"): 1 for p in (5, 9)}
-    p05 = await cli.consumer_info(names.dispatch_stream, names.dispatch_consumer("python", 5))
-    assert p05["config"]["filter_subject"] == names.dispatch_filter("python", 5)
+    p05 = await cli.consumer_info(names.dispatch_stream, names.dispatch_consumer("python", 5, fn))
+    assert p05["config"]["filter_subject"] == names.dispatch_filter("python", 5, fn)
     assert (p05["num_pending"], p05["num_ack_pending"]) == (1, 0)
 
     viewed = await cli.stream_view(names.dispatch_stream)
@@ -877,12 +882,12 @@ class DocRun:
                 for _, _, data in await cli.stream_view(stream, str(flags.get("--subject", ">"))):
                     decode(data, Dispatch if stream == n.dispatch_stream else RESULT)
             case ["consumer", "ls", stream]:
-                assert {c["name"] for c in await cli.consumer_ls(stream)} >= {
-                    n.dispatch_consumer("python", p) for p in PRIORITIES}
+                assert n.dispatch_consumer("python", 5, model_token("demo-fn", "v1")) in {
+                    c["name"] for c in await cli.consumer_ls(stream)}
             case ["consumer", "info", stream, consumer]:
-                _, runtime, priority = self.default_label(argv, "consumer ").split()
+                _, runtime, priority, model = self.default_label(argv, "consumer ").split()
                 info = await cli.consumer_info(stream, consumer)
-                assert info["config"]["filter_subject"] == n.dispatch_filter(runtime, int(priority))
+                assert info["config"]["filter_subject"] == n.dispatch_filter(runtime, int(priority), model)
             case ["sub", subject]:
                 async with cli.sub(subject, all=bool(flags.get("--all"))) as sub:
                     if subject == n.results_all:

@@ -99,7 +99,7 @@ async def tiny_lm(tiny_model_dir: Path) -> AsyncIterator[TransformersModel]:
 
 async def test_transformers_load_reports_memory_and_device(tiny_lm: TransformersModel) -> None:
     assert tiny_lm.device == "cpu"
-    assert tiny_lm.max_concurrency == 1
+    assert tiny_lm.max_concurrency == 8  # TransformersConfig.max_batch_size: continuous batching
     params = sum(p.numel() for p in tiny_lm.model.parameters())
     assert tiny_lm.memory_bytes >= params * 4  # float32 on CPU
 
@@ -193,15 +193,21 @@ async def test_cancelled_task_frees_the_model_for_the_next_job(tiny_lm: Transfor
     assert out.metadata["completion_tokens"] == 3
 
 
-async def test_generations_on_one_model_run_one_at_a_time(tiny_lm: TransformersModel) -> None:
-    a, b = lm_job(max_tokens=20, temperature=0), lm_job("Hello world", max_tokens=20, temperature=0)
-    order: list[str] = []
-    a.ctx.sink = lambda text, data: order.append("a")
-    b.ctx.sink = lambda text, data: order.append("b")
-    out_a, out_b = await asyncio.gather(tiny_lm.run(a.ctx), tiny_lm.run(b.ctx))
-    assert order == ["a"] * 20 + ["b"] * 20
-    alone = await tiny_lm.run(lm_job("Hello world", max_tokens=20, temperature=0).ctx)
-    assert out_b.result == alone.result
+async def test_with_max_batch_size_1_generations_run_one_at_a_time(tiny_model_dir: Path) -> None:
+    solo = await TransformersRuntime().load(record(DEMO_MODEL_FAMILY, DEMO_MODEL_VERSION, "transformers"),
+                                            tiny_model_dir, TransformersConfig(max_batch_size=1))
+    try:
+        assert solo.max_concurrency == 1
+        a, b = lm_job(max_tokens=20, temperature=0), lm_job("Hello world", max_tokens=20, temperature=0)
+        order: list[str] = []
+        a.ctx.sink = lambda text, data: order.append("a")
+        b.ctx.sink = lambda text, data: order.append("b")
+        out_a, out_b = await asyncio.gather(solo.run(a.ctx), solo.run(b.ctx))
+        assert order == ["a"] * 20 + ["b"] * 20
+        alone = await solo.run(lm_job("Hello world", max_tokens=20, temperature=0).ctx)
+        assert out_b.result == alone.result
+    finally:
+        await solo.unload()
 
 
 async def test_missing_prompt_is_a_validation_error(tiny_lm: TransformersModel) -> None:

@@ -1,12 +1,14 @@
 """The ``transformers`` runtime: Hugging Face causal LMs with real token-by-token streaming.
 
-``model.generate`` runs in a thread of the loaded model's own single-thread executor (one
-generation at a time per model; the event loop stays free). A streamer subclassing
-transformers' ``BaseStreamer`` receives every new token, decodes the generated text so
-far and hands the new piece to the event loop with ``loop.call_soon_threadsafe``. Stop
-strings are applied to the decoded text, holding back any tail that could still become a
-stop string, so neither the stream nor the result ever contains one. Cancellation is a
-``StoppingCriteria`` polling ``ctx.cancel_flag``: generation ends within one token.
+Every generation of a loaded model runs on that model's own thread (the event loop stays
+free), in a continuous batch of up to ``max_batch_size`` sequences (see
+:mod:`neuron_runtime.runtimes.batching`): requests join and leave between decoding steps
+and share each step's forward pass. For every new token the request's :class:`_Generation`
+decodes the generated text so far and hands the new piece to the event loop with
+``loop.call_soon_threadsafe``. Stop strings are applied to the decoded text, holding back
+any tail that could still become a stop string, so neither the stream nor the result ever
+contains one. Cancellation is polled from ``ctx.cancel_flag`` before every step: a
+generation ends within one token.
 
 torch and transformers are imported when a model loads, not when this module does, so
 the worker starts fast and runs where they are absent.
@@ -15,22 +17,21 @@ the worker starts fast and runs where they are absent.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import gc
 import importlib.util
 import logging
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from mnemos.errors import ExecutionError, ModelLoadError, ValidationFailed
+from mnemos.errors import ModelLoadError
 from mnemos.messages import JobOutput, ModelRecord
 from mnemos.runtime_config import TransformersConfig
 
 from neuron_runtime.runtimes.base import ExecutionContext, LoadedModel, Runtime, text_prompt
+from neuron_runtime.runtimes.batching import GenerationLoop, Sampling, SequenceResult
 
 if TYPE_CHECKING:
     import torch
@@ -41,10 +42,6 @@ logger = logging.getLogger("mnemos.runtime.transformers")
 
 #: ``max_tokens`` when a job gives none (same default in the vLLM runtime).
 DEFAULT_MAX_TOKENS = 128
-
-#: Seeding sets torch's process-wide generator: seeded generations take this lock so two
-#: of them (on different models) cannot interleave their draws.
-_SEED_LOCK = threading.Lock()
 
 
 def resolve_device(device: str) -> str:
@@ -187,30 +184,26 @@ class IncrementalDetokenizer:
 
 @dataclass
 class _Generation:
-    """State shared between the generating thread and the event loop for one job."""
+    """One job's stream: the generating thread feeds it tokens (a
+    :class:`~neuron_runtime.runtimes.batching.TokenSink`), the event loop emits the text."""
 
     ctx: ExecutionContext
     loop: asyncio.AbstractEventLoop
     filter: StopStringFilter
     tokenizer: Any
     detokenizer: IncrementalDetokenizer
-    token_ids: list[int] = field(default_factory=list)
     cancelled: bool = False
     emit_error: BaseException | None = None
-    first_token_at: float | None = None
 
     def should_stop(self) -> bool:
-        """Polled by the stopping criteria after every token (generating thread)."""
+        """Polled by the generation loop before every step (generating thread)."""
         if self.ctx.cancel_flag.is_set():
             self.cancelled = True
             return True
         return self.filter.stopped or self.emit_error is not None
 
     def on_tokens(self, ids: list[int], *, final: bool = False) -> None:
-        """New token ids from ``generate`` (generating thread): decode and stream the delta."""
-        if ids and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        self.token_ids.extend(ids)
+        """New token ids from the generation loop (generating thread): decode and stream the delta."""
         if self.filter.stopped:
             return
         text = self.detokenizer.add(ids, final=final)
@@ -228,154 +221,69 @@ class _Generation:
             self.emit_error = e
 
 
-def _streamer_class() -> type[Any]:
-    """Build the ``BaseStreamer`` subclass (transformers is imported lazily)."""
-    from transformers.generation.streamers import BaseStreamer
-
-    class TokenStreamer(BaseStreamer):
-        """Forwards each new token to the generation; the first ``put`` is the prompt."""
-
-        def __init__(self, generation: _Generation) -> None:
-            self.generation = generation
-            self.prompt_seen = False
-
-        def put(self, value: Any) -> None:
-            if not self.prompt_seen:
-                self.prompt_seen = True
-                return
-            self.generation.on_tokens([int(t) for t in value.reshape(-1).tolist()])
-
-        def end(self) -> None:
-            self.generation.on_tokens([], final=True)
-
-    return TokenStreamer
-
-
-def _stopping_criteria(should_stop: Callable[[], bool]) -> Any:
-    """A ``StoppingCriteriaList`` that ends generation when ``should_stop()`` is true."""
-    import torch
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class StopWhen(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([StopWhen()])
-
-
 # ----------------------------------------------------------------------------- loaded model
 
 
 class TransformersModel(LoadedModel):
-    """A causal LM and its tokenizer in memory; runs one generation at a time."""
+    """A causal LM and its tokenizer in memory; its generations share a continuous batch.
+
+    ``max_concurrency`` is the batch bound, so the worker runs as many of this model's
+    jobs at once as can decode together.
+    """
 
     merge_stream = True
 
-    max_concurrency = 1
-
-    def __init__(self, record: ModelRecord, model: Any, tokenizer: Any, device: str) -> None:
+    def __init__(self, record: ModelRecord, model: Any, tokenizer: Any, device: str, *,
+                 max_batch_size: int = 1) -> None:
         self.record = record
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
         self.memory_bytes = _memory_bytes(model)
         self.max_positions: int | None = _max_positions(model, tokenizer)
-        self._lock = asyncio.Lock()
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"mnemos-generate-{record.family}"
-        )
-        self._streamer_cls = _streamer_class()
+        self._loop = GenerationLoop(model, tokenizer, device, name=record.name, max_batch_size=max_batch_size,
+                                    max_positions=self.max_positions)
+        self.max_concurrency = self._loop.max_batch_size
 
     async def run(self, ctx: ExecutionContext) -> JobOutput:
         """Generate from ``input.prompt`` (or ``messages``), streaming each new piece of text."""
         prompt = text_prompt(ctx.spec.input, self.tokenizer, "transformers")
-        async with self._lock:
-            loop = asyncio.get_running_loop()
-            generation = _Generation(
-                ctx=ctx,
-                loop=loop,
-                filter=StopStringFilter(ctx.spec.input.parameters.stop),
-                tokenizer=self.tokenizer,
-                detokenizer=IncrementalDetokenizer(self.tokenizer),
-            )
-            future = loop.run_in_executor(self._executor, self._generate, generation, prompt)
-            try:
-                output = await asyncio.shield(future)
-            except asyncio.CancelledError:
-                # The worker gave up on the job: stop the thread (within one token) and
-                # keep the model busy until it has, so the next job starts clean.
-                ctx.cancel_flag.set()
-                await asyncio.wait([future])
-                raise
+        params = ctx.spec.input.parameters
+        generation = _Generation(
+            ctx=ctx,
+            loop=asyncio.get_running_loop(),
+            filter=StopStringFilter(params.stop),
+            tokenizer=self.tokenizer,
+            detokenizer=IncrementalDetokenizer(self.tokenizer),
+        )
+        sampling = Sampling(
+            max_new_tokens=params.max_tokens or DEFAULT_MAX_TOKENS,
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k,
+            seed=params.seed,
+        )
+        future = asyncio.wrap_future(self._loop.submit(prompt, sampling, generation, job_id=ctx.job_id))
+        try:
+            result = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            # The worker gave up on the job: the loop drops it at its next step; wait for
+            # that so the job's stream ends before the worker moves on.
+            ctx.cancel_flag.set()
+            await asyncio.wait([future])
+            raise
         if generation.emit_error is not None:
             raise generation.emit_error
-        return output
+        return self._output(generation, result)
 
-    def _generate(self, generation: _Generation, prompt: str) -> JobOutput:
-        """Runs in the executor thread: tokenize, ``generate`` with streaming, build the output."""
-        import torch
-
+    def _output(self, generation: _Generation, result: SequenceResult) -> JobOutput:
+        """The job's output: the streamed text, token counts, finish reason and timings."""
         ctx = generation.ctx
-        params = ctx.spec.input.parameters
-        encoded = self.tokenizer(prompt, return_tensors="pt")
-        input_ids = encoded["input_ids"].to(self.device)
-        attention_mask = encoded.get("attention_mask")
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(self.device)
-        prompt_tokens = int(input_ids.shape[1])
-
-        max_new = params.max_tokens or DEFAULT_MAX_TOKENS
-        if self.max_positions is not None:
-            room = self.max_positions - prompt_tokens
-            if room <= 0:
-                raise ValidationFailed(
-                    f"prompt has {prompt_tokens} tokens; the model's context is {self.max_positions}"
-                )
-            max_new = min(max_new, room)
-
-        sampling = bool(params.temperature)
-        kwargs: dict[str, Any] = {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "max_new_tokens": max_new,
-            "do_sample": sampling,
-            "streamer": self._streamer_cls(generation),
-            "stopping_criteria": _stopping_criteria(generation.should_stop),
-            "pad_token_id": self.tokenizer.pad_token_id
-            if self.tokenizer.pad_token_id is not None
-            else self.tokenizer.eos_token_id,
-        }
-        if sampling:
-            # Unset top_p/top_k mean "no filtering" (as in vLLM), not transformers' top_k=50.
-            kwargs["temperature"] = params.temperature
-            kwargs["top_p"] = params.top_p if params.top_p is not None else 1.0
-            kwargs["top_k"] = params.top_k if params.top_k else 0
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-
-        started = time.perf_counter()
-        if ctx.cancel_flag.is_set():
-            generation.cancelled = True
-        else:
-            try:
-                with torch.inference_mode():
-                    if sampling and params.seed is not None:
-                        with _SEED_LOCK:
-                            torch.manual_seed(params.seed)
-                            self.model.generate(**kwargs)
-                    else:
-                        self.model.generate(**kwargs)
-            except torch.cuda.OutOfMemoryError as e:
-                raise ExecutionError(f"out of GPU memory while generating: {e}", retryable=True) from e
-            except (RuntimeError, ValueError, IndexError) as e:
-                raise ExecutionError(f"generation failed: {type(e).__name__}: {e}") from e
-        elapsed = time.perf_counter() - started
-
-        completion_tokens = len(generation.token_ids)
-        eos = self.tokenizer.eos_token_id
+        completion_tokens = len(result.token_ids)
+        elapsed = result.finished - result.started
         if generation.cancelled:
             finish_reason = "cancelled"
-        elif generation.filter.stopped or (generation.token_ids and generation.token_ids[-1] == eos):
+        elif generation.filter.stopped or result.ended_by == "eos":
             finish_reason = "stop"
         else:
             finish_reason = "length"
@@ -385,17 +293,17 @@ class TransformersModel(LoadedModel):
             "generation_ms": elapsed * 1000.0,
             "tokens_per_second": completion_tokens / elapsed if elapsed > 0 else 0.0,
         }
-        if generation.first_token_at is not None:
-            metrics["time_to_first_token_ms"] = (generation.first_token_at - started) * 1000.0
+        if result.first_token_at is not None:
+            metrics["time_to_first_token_ms"] = (result.first_token_at - result.started) * 1000.0
         logger.debug(
             "job %s generated %d tokens in %.1f ms (%s)", ctx.job_id, completion_tokens, elapsed * 1e3, finish_reason
         )
-        return text_output(generation.filter.text, prompt_tokens, completion_tokens, finish_reason,
+        return text_output(generation.filter.text, result.prompt_tokens, completion_tokens, finish_reason,
                            self.record.name, metrics)
 
     async def unload(self) -> None:
         """Drop the weights and give GPU memory back (after any generation still winding down)."""
-        await asyncio.to_thread(self._executor.shutdown, True)
+        await asyncio.to_thread(self._loop.close)
         self.model = None
         self.tokenizer = None
         gc.collect()
@@ -496,4 +404,4 @@ class TransformersRuntime(Runtime):
         model.eval()
         if placed_by_transformers:
             device = str(next(model.parameters()).device)
-        return TransformersModel(record, model, tokenizer, device)
+        return TransformersModel(record, model, tokenizer, device, max_batch_size=config.max_batch_size)
