@@ -67,6 +67,11 @@ class Affinity:
             return
         self._peers[record.worker_id] = _Peer(record, self.clock())
 
+    @property
+    def peers(self) -> set[str]:
+        """The workers heard from (live or not yet found stale)."""
+        return set(self._peers)
+
     def cost_here(self, model: str) -> int:
         loaded, fits = self.local()
         return _cost(model, loaded, fits)

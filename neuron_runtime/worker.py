@@ -36,6 +36,7 @@ from mnemos.config import NatsSettings
 from mnemos.errors import MnemosError, NotConnected, ValidationFailed
 from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
+from mnemos.kvscan import kv_values
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
 from mnemos.messages import (
     JobRecord,
@@ -280,6 +281,9 @@ class Worker:
         self.affinity = Affinity(self.worker_id, lambda: (set(pool.loaded_names()), s.max_loaded_models),
                                  spill_delay_s=s.spill_delay_ms / 1000.0)
         self._subs.append(await self.nc.subscribe(self.names.heartbeat_all, cb=self._on_peer_record))
+        # Peers that started before this worker speak again only at their next heartbeat:
+        # read their records now (in the background; the subscription above misses nothing).
+        self.supervisor.spawn_oneshot("read-peers", self._read_peers())
         self.puller = PriorityPuller(
             self.nc, self.names, list(self.runtimes), self._on_message, ack_wait_s=s.ack_wait_s,
             affinity=self.affinity if s.spill_delay_ms > 0 else None,
@@ -531,6 +535,14 @@ class Worker:
             self._request_exit(f"recycle: {reason}")
 
     # ------------------------------------------------------------------ signals
+
+    async def _read_peers(self) -> None:
+        assert self.layout is not None and self.affinity is not None
+        async for _key, value, _rev in kv_values(self.layout.workers):
+            try:
+                self.affinity.heard(decode(value, WorkerRecord))
+            except MnemosError as e:
+                log.debug("ignoring an unreadable worker record: %s", e)
 
     async def _on_peer_record(self, msg: Msg) -> None:
         """Another worker's record (its heartbeat): who holds which model, for routing."""
