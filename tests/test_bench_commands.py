@@ -1,0 +1,32 @@
+"""The benchmark commands docs/benchmarks.md shows, run as a user runs them (small sizes):
+they start their own stack, print their numbers and exit 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, timeout: float = 240) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMOS_")}
+    out = subprocess.run([sys.executable, "-m", "loadtest", "bench", *args, "--json"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_bench_workerstart_times_a_fresh_and_a_forked_worker() -> None:
+    result = _run("workerstart", "--runs", "1")
+    assert result["fresh_median_ms"] > result["zygote_median_ms"] > 0
+
+
+def test_bench_affinity_reports_warm_hits() -> None:
+    result = _run("affinity", "--jobs", "6")
+    assert result["failures"] == 0 and result["loads"] >= 2  # each model loads once at least
+    assert 0 <= result["warm_hit_pct"] <= 100
