@@ -24,6 +24,7 @@ reacting to the same event change each job once.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -130,6 +131,11 @@ class Reaper:
         #: Waiting jobs checked: job id -> (generation, monotonic time of the check, the
         #: stream sequence of its message if known).
         self._checked: dict[str, tuple[int, float, int | None]] = {}
+        #: Waiting jobs' next dispatch check and queue deadline, soonest first: (monotonic
+        #: time, job id, dispatch generation). Entries of jobs that left the queue (or were
+        #: queued again, under a new generation) are dropped when they come up.
+        self._checks: list[tuple[float, str, int]] = []
+        self._deadlines: list[tuple[float, str, int]] = []
         self.queue_timeouts = 0
         self._heard: dict[str, float] = {}  # worker id -> monotonic time of its last sign of life
         #: Workers that deregistered (id -> their registration time): a heartbeat that was
@@ -290,34 +296,47 @@ class Reaper:
                                lambda rec: expire_attempt(rec, attempt, utcnow()), stop_worker=True)
 
     def _check_waiting(self, now: float) -> None:
-        """Queue deadlines, and the dispatch messages of jobs that wait long."""
+        """Queue deadlines, and the dispatch messages of jobs that wait long. The work of a
+        pass is what falls due in it (at most ``requeue_checks_per_sweep`` checks), not the
+        length of the queue."""
         t = self.timings
-        waiting = self.index.waiting()
+        for new in self.index.take_new_waiting():
+            since = new.queued_since if new.queued_since is not None else now
+            heapq.heappush(self._checks, (since + t.requeue_check_s, new.job_id, new.dispatch))
+            if new.queue_timeout_s is not None:
+                heapq.heappush(self._deadlines, (since + new.queue_timeout_s, new.job_id, new.dispatch))
+        while self._deadlines and self._deadlines[0][0] < now:
+            _, job_id, generation = heapq.heappop(self._deadlines)
+            waiting = self.index.waiting_entry(job_id)
+            if waiting is None or waiting.dispatch != generation:
+                continue  # claimed, ended, or queued again (with a deadline of its own)
+            if job_id in self._busy:
+                heapq.heappush(self._deadlines, (now + 0.5, job_id, generation))
+                continue
+            waited = now - (waiting.queued_since if waiting.queued_since is not None else now)
+            self.queue_timeouts += 1
+            self._spawn_settle(job_id, f"waited {waited:.1f}s in the queue",
+                               lambda rec, g=generation, w=waited: expire_in_queue(rec, g, w),  # type: ignore[misc]
+                               stop_worker=False)
         checks = 0
-        for entry in waiting:
-            job_id, since = entry.job_id, entry.queued_since
-            if since is None or job_id in self._busy:
-                continue
-            waited = now - since
-            if entry.queue_timeout_s is not None and waited > entry.queue_timeout_s:
-                generation = entry.dispatch
-                self.queue_timeouts += 1
-                self._spawn_settle(job_id, f"waited {waited:.1f}s in the queue",
-                                   lambda rec, g=generation, w=waited: expire_in_queue(rec, g, w),  # type: ignore[misc]
-                                   stop_worker=False)
-                continue
-            if waited <= t.requeue_check_s or checks >= t.requeue_checks_per_sweep:
+        while self._checks and self._checks[0][0] < now and checks < t.requeue_checks_per_sweep:
+            _, job_id, generation = heapq.heappop(self._checks)
+            waiting = self.index.waiting_entry(job_id)
+            if waiting is None or waiting.dispatch != generation:
                 continue
             checked = self._checked.get(job_id)
-            if checked is not None and checked[0] == entry.dispatch and now - checked[1] < t.requeue_recheck_s:
+            if job_id in self._busy or (checked is not None and checked[0] == generation
+                                        and now - checked[1] < t.requeue_recheck_s):
+                again = now + 0.5 if job_id in self._busy else checked[1] + t.requeue_recheck_s  # type: ignore[index]
+                heapq.heappush(self._checks, (again, job_id, generation))
                 continue
             checks += 1
-            seq = checked[2] if checked is not None and checked[0] == entry.dispatch else entry.queued_seq
-            self._checked[job_id] = (entry.dispatch, now, seq)
-            self._spawn(self._ensure_dispatched(job_id, entry.dispatch, seq))
-        if len(self._checked) > 2 * len(waiting) + 1000:
-            ids = {e.job_id for e in waiting}
-            self._checked = {j: c for j, c in self._checked.items() if j in ids}
+            seq = checked[2] if checked is not None and checked[0] == generation else waiting.queued_seq
+            self._checked[job_id] = (generation, now, seq)
+            heapq.heappush(self._checks, (now + t.requeue_recheck_s, job_id, generation))
+            self._spawn(self._ensure_dispatched(job_id, generation, seq))
+        if len(self._checked) > 2 * self.index.waiting_count + 1000:
+            self._checked = {j: c for j, c in self._checked.items() if self.index.waiting_entry(j) is not None}
 
     async def _ensure_dispatched(self, job_id: str, generation: int, seq: int | None) -> None:
         """A job queued a while ago is still unclaimed: make sure its dispatch message exists.
