@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from loadtest import scale_bench
-from loadtest.bench import NoopOptions, StreamOptions, bench_noop, bench_stream, local_stack
+from loadtest.bench import NoopOptions, StreamOptions, bench_noop, bench_stream, cpu_per_process, local_stack
 from mnemos.config import NatsSettings
 
 
@@ -24,7 +24,12 @@ def _target(args: argparse.Namespace, slots: int) -> Iterator[NatsSettings]:
     print(f"starting a local stack (file-backed JetStream, 1 control plane, {args.workers} worker(s), "
           f"{slots} slots each) ...", flush=True)
     with local_stack(workers=args.workers, slots=slots) as stack:
-        yield stack.settings
+        if getattr(args, "cpu", False):
+            with cpu_per_process(stack) as usage:
+                yield stack.settings
+            print(usage.report(args.jobs + args.roundtrips))
+        else:
+            yield stack.settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             k.add_argument("--window", type=int, default=1024, help="outstanding requests")
             k.add_argument("--roundtrips", type=int, default=500)
             k.add_argument("--slots", type=int, default=256, help="concurrent jobs per worker")
+            k.add_argument("--cpu", action="store_true",
+                           help="also print the CPU each process of the stack spent per job (where the time goes)")
         else:
             k.add_argument("--runs", type=int, default=10)
             k.add_argument("--max-tokens", type=int, default=200)

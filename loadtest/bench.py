@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,8 @@ from mnemos.embedded import free_port
 from mnemos.messages import ResultChunk
 from launchers.up import LocalStack, UpOptions
 
-__all__ = ["NoopOptions", "StreamOptions", "bench_noop", "bench_stream", "local_stack", "percentiles"]
+__all__ = ["CpuUsage", "NoopOptions", "StreamOptions", "bench_noop", "bench_stream", "cpu_per_process",
+           "local_stack", "percentiles"]
 
 
 def percentiles(samples_ms: list[float]) -> dict[str, float]:
@@ -54,6 +55,37 @@ def local_stack(workers: int = 1, slots: int = 256, data_dir: Path | None = None
                                     **(env or {})})
         with LocalStack(opts) as stack:
             yield stack
+
+
+@dataclass
+class CpuUsage:
+    """CPU seconds (user + system) each process of a stack spent over a stretch of a run."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def report(self, jobs: int) -> str:
+        rows = [f"{name:15s} {cpu:6.2f} cpu-s  {cpu / jobs * 1e6:7.1f} us/job" for name, cpu in self.seconds.items()]
+        return "CPU per process over the run (user + system):\n" + "\n".join(rows)
+
+
+@contextmanager
+def cpu_per_process(stack: LocalStack) -> Iterator[CpuUsage]:
+    """Measure the CPU of nats-server, every child of ``stack`` and this process while the
+    block runs (psutil's counters, so profiling costs nothing)."""
+    import psutil
+
+    procs = {"nats-server": psutil.Process(stack.nats.pid)} if stack.nats.pid else {}
+    procs |= {c.name: psutil.Process(c.proc.pid) for c in stack.children if c.proc is not None}
+    procs["load generator"] = psutil.Process()
+
+    def snap() -> dict[str, float]:
+        return {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
+
+    usage = CpuUsage()
+    before = snap()
+    yield usage
+    after = snap()
+    usage.seconds = {name: after[name] - before[name] for name in procs}
 
 
 @dataclass

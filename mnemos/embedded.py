@@ -152,6 +152,11 @@ class EmbeddedNats:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        """The server's process id while it runs."""
+        return self._proc.pid if self._proc is not None and self.running else None
+
     def __enter__(self) -> "EmbeddedNats":
         self.start()
         return self

@@ -30,3 +30,12 @@ def test_bench_affinity_reports_warm_hits() -> None:
     result = _run("affinity", "--jobs", "6")
     assert result["failures"] == 0 and result["loads"] >= 2  # each model loads once at least
     assert 0 <= result["warm_hit_pct"] <= 100
+
+
+def test_bench_noop_prints_the_cpu_of_each_process() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMOS_")}
+    out = subprocess.run([sys.executable, "-m", "loadtest", "bench", "noop", "--jobs", "200", "--roundtrips", "20",
+                          "--cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    per_job = {line.split()[0] for line in out.stdout.splitlines() if line.endswith("us/job")}
+    assert {"nats-server", "control-plane", "worker-0", "load"} <= per_job
