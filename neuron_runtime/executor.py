@@ -458,6 +458,16 @@ class Executor:
             outcome = lifecycle.claim(rec, self.worker_id, utcnow(), **ex.claim_args)
             return rec if outcome in (lifecycle.Claim.TAKEN, lifecycle.Claim.ENDED) else None
 
+        if ex.revision == 0 and (rec.reply_to is None or rec.spec.idempotency_key is not None):
+            # The control plane writes this job's queued record right after its dispatch
+            # message (``jobs.submit``, or a key): by now it is almost always there. Read it
+            # first, so the claim names its revision instead of losing a create to it (a
+            # lost create costs a write, a read and a second write).
+            try:
+                ex.record, ex.revision = await self.jobs.get(ex.job_id, fresh=True)
+                ex.encoded = None
+            except JobNotFound:
+                pass  # not written yet: the claim creates it (a create that loses re-reads)
         try:
             await self._write(ex, claim)
         except JobNotFound:
