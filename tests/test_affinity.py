@@ -10,7 +10,7 @@ import pytest
 
 from mnemos.client import Client, job_spec
 from mnemos.messages import WorkerCommand, WorkerRecord, encode, utcnow
-from mnemos.names import Names
+from mnemos.names import Names, model_token
 from neuron_runtime.affinity import EVICT, ROOM, WARM, Affinity
 from tests.conftest import assert_eventually
 
@@ -93,3 +93,23 @@ def test_the_rating_prefers_warm_then_room_then_eviction() -> None:
     aff.heard(peer("me", loaded=[], free=1))  # its own record does not count
     now[0] = 100.0  # the peer's record went stale (3 heartbeats of 5 s)
     assert aff.defer_s("transformers", "m3") == 0.0
+
+
+async def test_an_older_releases_consumer_is_replaced_by_per_model_ones(
+    control_plane: Any, demo_fn: Any, start_worker: Any, client: Client, nc: Any, names: Names
+) -> None:
+    """A data directory from before per-model consumers has one consumer per runtime and
+    priority; its filter overlaps the new ones, so the first worker that needs them deletes
+    it, and the job it held back runs."""
+    from nats.js import api as jsapi
+
+    legacy = names.legacy_dispatch_consumer("python", 5)
+    await nc.jetstream().add_consumer(names.dispatch_stream, jsapi.ConsumerConfig(
+        durable_name=legacy, filter_subject=names.dispatch_filter("python", 5),
+        ack_policy=jsapi.AckPolicy.EXPLICIT))
+    queued = await client.submit(job_spec("demo-fn:v1", function="noop"))
+    await start_worker(runtimes=["python"])
+    assert (await client.wait(queued.job_id, timeout=30)).status == "completed"
+    consumers = {c.name for c in await nc.jetstream().consumers_info(names.dispatch_stream)}
+    assert legacy not in consumers
+    assert names.dispatch_consumer("python", 5, model_token("demo-fn", "v1")) in consumers
