@@ -58,14 +58,15 @@ class Affinity:
         self.clock = clock
         self._peers: dict[str, _Peer] = {}
 
-    def heard(self, record: WorkerRecord) -> None:
-        """A worker's record (its heartbeat, or a change it announced)."""
+    def heard(self, record: WorkerRecord, *, age_s: float = 0.0) -> None:
+        """A worker's record (its heartbeat, or a change it announced), heard ``age_s`` after
+        it was written (a record read back from the bucket may be a dead worker's last)."""
         if record.worker_id == self.worker_id:
             return
         if record.status in ("stopped", "error"):
             self._peers.pop(record.worker_id, None)
             return
-        self._peers[record.worker_id] = _Peer(record, self.clock())
+        self._peers[record.worker_id] = _Peer(record, self.clock() - max(0.0, age_s))
 
     @property
     def peers(self) -> set[str]:

@@ -153,7 +153,7 @@ class PriorityPuller:
             max_waiting=4096,
         )
         js = self.nc.jetstream()
-        for _ in range(2):
+        for attempt in range(2):
             try:
                 await patiently(lambda: js.add_consumer(self.names.dispatch_stream, config), f"create consumer {name}")
                 break
@@ -161,7 +161,7 @@ class PriorityPuller:
                 if e.err_code == 10148:  # exists with another config: keep the operator's
                     log.warning("consumer %s exists with a different configuration; using it as is", name)
                     break
-                if e.err_code != 10100:  # 10100: overlaps another consumer's filter
+                if e.err_code != 10100 or attempt:  # 10100: overlaps another consumer's filter
                     raise
                 await self._drop_legacy_consumer(js, runtime, priority)
         self._consumers.add(level)
@@ -335,8 +335,11 @@ class PriorityPuller:
         return taken
 
     def resync(self) -> None:
-        """Ask the stream what is queued at the next sweep (after reconnects, idle re-checks)."""
+        """Ask the stream what is queued at the next sweep (after reconnects, idle re-checks),
+        and make sure again of each level's consumer when it is next pulled (one that was
+        deleted meanwhile is made anew)."""
         self._resync = True
+        self._consumers.clear()
 
     def _by_priority(self, levels: set[Level]) -> list[Level]:
         """Highest priority first; within a priority, the models this worker holds first."""

@@ -540,7 +540,8 @@ class Worker:
         assert self.layout is not None and self.affinity is not None
         async for _key, value, _rev in kv_values(self.layout.workers):
             try:
-                self.affinity.heard(decode(value, WorkerRecord))
+                record = decode(value, WorkerRecord)
+                self.affinity.heard(record, age_s=(utcnow() - record.last_heartbeat).total_seconds())
             except MnemosError as e:
                 log.debug("ignoring an unreadable worker record: %s", e)
 

@@ -93,6 +93,8 @@ def test_the_rating_prefers_warm_then_room_then_eviction() -> None:
     aff.heard(peer("me", loaded=[], free=1))  # its own record does not count
     now[0] = 100.0  # the peer's record went stale (3 heartbeats of 5 s)
     assert aff.defer_s("transformers", "m3") == 0.0
+    aff.heard(peer("dead", loaded=["m3"], free=1), age_s=60.0)  # read back from the bucket, a minute old
+    assert aff.defer_s("transformers", "m3") == 0.0
 
 
 async def test_an_older_releases_consumer_is_replaced_by_per_model_ones(
