@@ -20,23 +20,58 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-from rich import box
-from rich.console import Console
-from rich.status import Status
-from rich.table import Table
 
 from mnemos.config import NatsSettings
 from mnemos.errors import JobTimeout, MnemosError
 from mnemos.messages import JobRecord, ResultChunk, ResultFinal, ResultMessage, ResultStatus, encode
 
 if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.status import Status
+
     from mnemos.client import Client
 
 __all__ = ["main", "cli"]
 
 T = TypeVar("T")
-console = Console()
-err_console = Console(stderr=True)
+
+
+class _LazyConsole:
+    """A rich ``Console`` made on first use: rich is a twentieth of a fresh worker's
+    start-up imports, and the long-running commands (worker, control plane) never print
+    with it."""
+
+    def __init__(self, *, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def real(self) -> Console:
+        """The console itself (for rich APIs that take one)."""
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return self._console
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real(), name)
+
+
+console = _LazyConsole()
+err_console = _LazyConsole(stderr=True)
+
+
+def _table(*columns: str, **options: Any) -> Any:
+    """A rich ``Table`` (rich imported when a command prints one)."""
+    from rich.table import Table
+
+    return Table(*columns, **options)
+
+
+def _simple_head() -> Any:
+    from rich import box
+
+    return box.SIMPLE_HEAD
 
 EXIT_OK = 0
 EXIT_JOB_FAILED = 1  # the job ended failed, timeout or cancelled
@@ -247,7 +282,7 @@ def _print_record(obj: _Ctx, record: JobRecord) -> None:
     if obj.output == "json":
         click.echo(encode(record).decode())
         return
-    t = Table(show_header=False, box=None)
+    t = _table(show_header=False, box=None)
     t.add_row("job", record.job_id)
     t.add_row("status", record.status)
     t.add_row("model", f"{record.spec.model.family}:{record.spec.model.version} ({record.runtime})")
@@ -463,7 +498,7 @@ def jobs_ls(obj: _Ctx, status: tuple[str, ...], model: str | None, limit: int, c
     if obj.output == "json":
         click.echo(encode(page).decode())
         return
-    t = Table("job", "status", "model", "runtime", "prio", "attempt", "worker", "run ms", "created")
+    t = _table("job", "status", "model", "runtime", "prio", "attempt", "worker", "run ms", "created")
     for r in page.jobs:
         t.add_row(r.job_id, r.status, f"{r.spec.model.family}:{r.spec.model.version}", r.runtime,
                   str(r.spec.priority), str(r.attempt), r.worker_id or "-", str(r.timings.run_ms or "-"),
@@ -533,7 +568,7 @@ def workers_ls(obj: _Ctx, runtime: str | None) -> None:
     if obj.output == "json":
         click.echo(encode(found).decode())
         return
-    t = Table("worker", "status", "runtimes", "slots free", "running", "loaded models", "done", "failed", "gpus")
+    t = _table("worker", "status", "runtimes", "slots free", "running", "loaded models", "done", "failed", "gpus")
     for w in found:
         gpus = len(w.resources.gpus) if w.resources else 0
         t.add_row(w.worker_id, w.status, ",".join(w.runtimes), f"{w.free_slots}/{w.max_concurrent_jobs}",
@@ -569,8 +604,8 @@ def pools_ls(obj: _Ctx) -> None:
         click.echo(encode(found).decode())
         return
     # Narrow enough for 80 columns; `pools get` shows runtimes, models and the decisions.
-    t = Table("pool", "provider", "min-max", "want", "ready", "busy", "start", "drain", "jobs", "full",
-              box=box.SIMPLE_HEAD, padding=(0, 1, 0, 0), show_edge=False)
+    t = _table("pool", "provider", "min-max", "want", "ready", "busy", "start", "drain", "jobs", "full",
+              box=_simple_head(), padding=(0, 1, 0, 0), show_edge=False)
     for view in found:
         spec, st = view.spec, view.status
         counts = (["-"] * 7 if st is None else
@@ -603,14 +638,14 @@ def pools_get(obj: _Ctx, name: str) -> None:
                   f"running {st.running}{'  [red]AT MAX_WORKERS: work waits[/red]' if st.at_max else ''}")
     console.print(f"  by {st.autoscaler}, {st.updated_at.isoformat(timespec='seconds')}")
     if st.workers:
-        t = Table("worker", "state", "since", "provisioning", "busy", "detail")
+        t = _table("worker", "state", "since", "provisioning", "busy", "detail")
         for w in st.workers:
             t.add_row(w.worker_id, w.state, w.since.isoformat(timespec="seconds"),
                       "-" if w.provisioning_s is None else f"{w.provisioning_s:.2f}s", "yes" if w.busy else "no",
                       w.detail or "-")
         console.print(t)
     if st.decisions:
-        t = Table("at", "action", "reason", "asked", "outcome")
+        t = _table("at", "action", "reason", "asked", "outcome")
         for d in st.decisions[-10:]:
             t.add_row(d.at.isoformat(timespec="seconds"), d.action, d.reason, d.asked or "-", d.outcome or "-")
         console.print(t)
@@ -772,7 +807,7 @@ def apps_ls(obj: _Ctx) -> None:
     if obj.output == "json":
         click.echo(encode(found).decode())
         return
-    t = Table("app", "version", "defines", "deployed", "pool", box=box.SIMPLE_HEAD, show_edge=False)
+    t = _table("app", "version", "defines", "deployed", "pool", box=_simple_head(), show_edge=False)
     for rec in found:
         t.add_row(rec.name, rec.version, ", ".join(d.name for d in rec.definitions),
                   rec.deployed_at.strftime("%Y-%m-%d %H:%M:%S"), rec.pool or "-")
@@ -790,7 +825,7 @@ def apps_get(obj: _Ctx, name: str) -> None:
         return
     console.print(f"[bold]{rec.name}[/bold] version {rec.version} (model {rec.model}), deployed "
                   f"{rec.deployed_at:%Y-%m-%d %H:%M:%S}, previous {rec.previous_version or '-'}, pool {rec.pool}")
-    t = Table("name", "kind", "calls", "timeout", "retries", "concurrency", "workers", box=box.SIMPLE_HEAD,
+    t = _table("name", "kind", "calls", "timeout", "retries", "concurrency", "workers", box=_simple_head(),
               show_edge=False)
     for d in rec.definitions:
         calls = ", ".join(f"{m.name} ({m.kind}{f' x{m.max_batch_size}/{m.wait_ms:g}ms' if m.kind == 'batched' else ''})"
@@ -814,7 +849,7 @@ def actors_ls(obj: _Ctx, app_name: str | None) -> None:
     if obj.output == "json":
         click.echo(encode(found).decode())
         return
-    t = Table("app", "actor", "key", "worker", "calls", "last call", "since", box=box.SIMPLE_HEAD, show_edge=False)
+    t = _table("app", "actor", "key", "worker", "calls", "last call", "since", box=_simple_head(), show_edge=False)
     for view in found:
         a = view.activation
         t.add_row(a.app, a.cls, a.key, a.worker_id, str(view.calls),
@@ -843,7 +878,7 @@ def models_ls(obj: _Ctx, runtime: str | None) -> None:
     if obj.output == "json":
         click.echo(encode(found).decode())
         return
-    t = Table("model", "runtime", "files", "size", "store", "aliases", "description")
+    t = _table("model", "runtime", "files", "size", "store", "aliases", "description")
     for m in found:
         t.add_row(m.name, m.runtime, str(len(m.files)), _human(m.total_size), m.artifact.store,
                   ",".join(m.aliases) or "-", m.description)
@@ -882,7 +917,7 @@ def models_push(obj: _Ctx, model_dir: Path, family: str, version: str, runtime: 
             files = scan_directory(model_dir)
             total = sum(f.size for f in files)
             with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
-                          TransferSpeedColumn(), console=err_console) as progress:
+                          TransferSpeedColumn(), console=err_console.real()) as progress:
                 task = progress.add_task(f"upload {family}:{version}", total=total)
                 return await registry.push(
                     model_dir, family=family, version=version, runtime=runtime, runtime_config=config,
