@@ -76,10 +76,13 @@ _IDLE_LONG_POLL_S = 0.1
 
 
 def _configure_torch(threads: int) -> None:
-    """Import torch and set its CPU thread count (in a thread, off the event loop)."""
+    """Import torch and set its CPU thread count (in a thread, off the event loop). Only
+    when it differs: ``set_num_threads`` holds the GIL, and waits for torch's thread pool
+    if another thread is computing, which would stall the event loop meanwhile."""
     import torch
 
-    torch.set_num_threads(threads)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 class _Services:
