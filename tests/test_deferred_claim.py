@@ -72,8 +72,9 @@ async def test_claim_delay_zero_writes_the_claim_first(
     assert writes.by_key[done.job_id] == 2
 
 
-async def _running_run_job(client: Client) -> JobRecord | None:
-    jobs = (await client.list(status=["running"])).jobs
+async def _first_job(client: Client, status: str) -> JobRecord | None:
+    """The newest job in ``status`` (a run job's id is known only from jobs.list)."""
+    jobs = (await client.list(status=[status])).jobs
     return jobs[0] if jobs else None
 
 
@@ -83,7 +84,7 @@ async def test_a_run_job_that_outlives_the_delay_shows_running_and_can_be_cancel
     worker = await start_worker(claim_delay_ms=50)
     await _warm(client, "sleep")
     call = asyncio.create_task(client.run(job_spec("demo-fn:v1", function="sleep", args=[30]), timeout=60))
-    running = await assert_eventually(lambda: _running_run_job(client), timeout=10)
+    running = await assert_eventually(lambda: _first_job(client, "running"), timeout=10)
     assert running.worker_id == worker.worker_id and running.attempts[0].ended_at is None
     await client.cancel(running.job_id)
     done = await asyncio.wait_for(call, 30)
@@ -116,11 +117,6 @@ async def test_a_record_written_meanwhile_takes_the_claim_over(
     assert writes.by_key[done.job_id] == 3
 
 
-async def _queued_run_job(client: Client) -> JobRecord | None:
-    jobs = (await client.list(status=["queued"])).jobs
-    return jobs[0] if jobs else None
-
-
 async def test_a_job_cancelled_before_its_claim_is_written_stays_cancelled(
     eager_control_plane: Any, demo_fn: Any, start_worker: Any, client: Client, writes: _Writes
 ) -> None:
@@ -129,7 +125,7 @@ async def test_a_job_cancelled_before_its_claim_is_written_stays_cancelled(
     worker = await start_worker(claim_delay_ms=1000)
     await _warm(client, "sleep")
     call = asyncio.create_task(client.run(job_spec("demo-fn:v1", function="sleep", args=[30]), timeout=60))
-    queued = await assert_eventually(lambda: _queued_run_job(client), timeout=10)
+    queued = await assert_eventually(lambda: _first_job(client, "queued"), timeout=10)
     assert (await client.cancel(queued.job_id)).status == "cancelled"
     done = await asyncio.wait_for(call, 30)
     assert done.status == "cancelled" and done.attempts == []
