@@ -201,10 +201,11 @@ class JobIndex:
             cancelling_since=cancelling_since,
             queued_since=queued_since,
         )
-        if old is not None:
-            self._unlink(old)
         self.entries[key] = entry
-        self._link(entry)
+        if old is None:
+            self._link(entry)
+        else:  # most writes move a job between a few lists: leave it in the others
+            self._relink(old, entry)
 
     def _remove(self, key: str) -> None:
         old = self.entries.pop(key, None)
@@ -222,8 +223,8 @@ class JobIndex:
         tenants: list[str | None] = [None] if e.tenant is None else [None, e.tenant]
         return [(t, s) for t in tenants for s in statuses]
 
-    def _link(self, e: IndexEntry) -> None:
-        for k in self._keys(e):
+    def _link(self, e: IndexEntry, keys: list[_ListKey] | None = None) -> None:
+        for k in self._keys(e) if keys is None else keys:
             lst = self._lists.get(k)
             if lst is None:
                 lst = self._lists[k] = SortedList()
@@ -234,8 +235,13 @@ class JobIndex:
             self._waiting.add(e.job_id)
             self._new_waiting.append(e.job_id)
 
-    def _unlink(self, e: IndexEntry) -> None:
-        for k in self._keys(e):
+    def _relink(self, old: IndexEntry, new: IndexEntry) -> None:
+        before, after = self._keys(old), self._keys(new)
+        self._unlink(old, [k for k in before if k not in after])
+        self._link(new, [k for k in after if k not in before])
+
+    def _unlink(self, e: IndexEntry, keys: list[_ListKey] | None = None) -> None:
+        for k in self._keys(e) if keys is None else keys:
             lst = self._lists.get(k)
             if lst is not None:
                 lst.discard(e.job_id)

@@ -6,6 +6,7 @@ same configuration is a no-op on the server, so any number of processes may race
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -91,138 +92,144 @@ async def ensure_layout(
     existing stream's configuration; every other process takes what it finds.
     """
     o = options or LayoutOptions()
-    await _ensure_stream(
-        js,
-        jsapi.StreamConfig(
-            name=names.dispatch_stream,
-            description="MNEMOS job dispatch: <runtime>.<priority>.<model>, pulled by workers",
-            subjects=[names.dispatch_all],
-            retention=jsapi.RetentionPolicy.WORK_QUEUE,
-            storage=jsapi.StorageType.FILE,
-            discard=jsapi.DiscardPolicy.NEW,
-            num_replicas=o.replicas,
-            duplicate_window=120.0,
-            allow_direct=True,
+    # One round trip of wall time, not ten: the streams and buckets are independent.
+    streams = asyncio.gather(
+        _ensure_stream(
+            js,
+            jsapi.StreamConfig(
+                name=names.dispatch_stream,
+                description="MNEMOS job dispatch: <runtime>.<priority>.<model>, pulled by workers",
+                subjects=[names.dispatch_all],
+                retention=jsapi.RetentionPolicy.WORK_QUEUE,
+                storage=jsapi.StorageType.FILE,
+                discard=jsapi.DiscardPolicy.NEW,
+                num_replicas=o.replicas,
+                duplicate_window=120.0,
+                allow_direct=True,
+            ),
+            owner,
         ),
-        owner,
-    )
-    await _ensure_stream(
-        js,
-        jsapi.StreamConfig(
-            name=names.results_stream,
-            description="MNEMOS result chunks and final messages per job",
-            subjects=[names.results_all],
-            retention=jsapi.RetentionPolicy.LIMITS,
-            discard=jsapi.DiscardPolicy.OLD,
-            max_bytes=o.results_max_bytes,
-            storage=jsapi.StorageType.FILE,
-            max_age=o.results_retention_s,
-            num_replicas=o.replicas,
-            duplicate_window=120.0,
-            allow_direct=True,
-        ),
-        owner,
-    )
-    jobs = await _ensure_kv(
-        js,
-        jsapi.KeyValueConfig(
-            bucket=names.jobs_bucket,
-            description="MNEMOS job records",
-            history=1,
-            ttl=o.job_retention_s,
-            storage=jsapi.StorageType.FILE,
-            replicas=o.replicas,
-            # Direct gets may be answered by a replica that lags the leader; job records are
-            # read right before a compare-and-set and after a write, so with replicas they
-            # are read from the leader.
-            direct=o.replicas == 1,
-            # A record that ages out leaves a marker, so watchers (the control plane's job
-            # index) see it go.
-            limit_marker_ttl=300.0,
+        _ensure_stream(
+            js,
+            jsapi.StreamConfig(
+                name=names.results_stream,
+                description="MNEMOS result chunks and final messages per job",
+                subjects=[names.results_all],
+                retention=jsapi.RetentionPolicy.LIMITS,
+                discard=jsapi.DiscardPolicy.OLD,
+                max_bytes=o.results_max_bytes,
+                storage=jsapi.StorageType.FILE,
+                max_age=o.results_retention_s,
+                num_replicas=o.replicas,
+                duplicate_window=120.0,
+                allow_direct=True,
+            ),
+            owner,
         ),
     )
-    workers = await _ensure_kv(
-        js,
-        jsapi.KeyValueConfig(
-            bucket=names.workers_bucket,
-            description="MNEMOS workers (each key expires when its heartbeats stop)",
-            history=1,
-            storage=jsapi.StorageType.FILE,
-            replicas=o.replicas,
-            direct=True,
-            limit_marker_ttl=60.0,
+    buckets = asyncio.gather(
+        _ensure_kv(
+            js,
+            jsapi.KeyValueConfig(
+                bucket=names.jobs_bucket,
+                description="MNEMOS job records",
+                history=1,
+                ttl=o.job_retention_s,
+                storage=jsapi.StorageType.FILE,
+                replicas=o.replicas,
+                # Direct gets may be answered by a replica that lags the leader; job records are
+                # read right before a compare-and-set and after a write, so with replicas they
+                # are read from the leader.
+                direct=o.replicas == 1,
+                # A record that ages out leaves a marker, so watchers (the control plane's job
+                # index) see it go.
+                limit_marker_ttl=300.0,
+            ),
+        ),
+        _ensure_kv(
+            js,
+            jsapi.KeyValueConfig(
+                bucket=names.workers_bucket,
+                description="MNEMOS workers (each key expires when its heartbeats stop)",
+                history=1,
+                storage=jsapi.StorageType.FILE,
+                replicas=o.replicas,
+                direct=True,
+                limit_marker_ttl=60.0,
+            ),
+        ),
+        _ensure_kv(
+            js,
+            jsapi.KeyValueConfig(
+                bucket=names.models_bucket,
+                description="MNEMOS model registry",
+                history=5,
+                storage=jsapi.StorageType.FILE,
+                replicas=o.replicas,
+                direct=True,
+            ),
+        ),
+        _ensure_kv(
+            js,
+            jsapi.KeyValueConfig(
+                bucket=names.idempotency_bucket,
+                description="MNEMOS idempotency keys -> job ids",
+                history=1,
+                ttl=o.idempotency_window_s,
+                storage=jsapi.StorageType.FILE,
+                replicas=o.replicas,
+                direct=True,
+            ),
+        ),
+        _ensure_kv(
+            js,
+            jsapi.KeyValueConfig(
+                bucket=names.pools_bucket,
+                description="MNEMOS autoscaler pools (settings; mnemos pools set/rm)",
+                history=5,
+                storage=jsapi.StorageType.FILE,
+                replicas=o.replicas,
+                direct=o.replicas == 1,
+            ),
+        ),
+        _ensure_kv(
+            js,
+            jsapi.KeyValueConfig(
+                bucket=names.autoscaler_bucket,
+                description="MNEMOS autoscaler state: the leader lease (expires unless renewed), pool status",
+                history=1,
+                storage=jsapi.StorageType.FILE,
+                replicas=o.replicas,
+                # The lease is read right before its compare-and-set: from the leader.
+                direct=o.replicas == 1,
+                # Per-key TTLs (the lease), and a marker when one expires.
+                limit_marker_ttl=60.0,
+            ),
+        ),
+        _ensure_kv(
+            js,
+            jsapi.KeyValueConfig(
+                bucket=names.apps_bucket,
+                description="MNEMOS deployed apps (live version and definitions; mnemos deploy)",
+                history=5,
+                storage=jsapi.StorageType.FILE,
+                replicas=o.replicas,
+                direct=o.replicas == 1,
+            ),
+        ),
+        _ensure_kv(
+            js,
+            jsapi.KeyValueConfig(
+                bucket=names.actors_bucket,
+                description="MNEMOS actors: act.<token> the live activation, state.<token> its checkpoint",
+                history=1,
+                storage=jsapi.StorageType.FILE,
+                replicas=o.replicas,
+                # An activation is read right before its compare-and-set: from the leader.
+                direct=o.replicas == 1,
+            ),
         ),
     )
-    models = await _ensure_kv(
-        js,
-        jsapi.KeyValueConfig(
-            bucket=names.models_bucket,
-            description="MNEMOS model registry",
-            history=5,
-            storage=jsapi.StorageType.FILE,
-            replicas=o.replicas,
-            direct=True,
-        ),
-    )
-    idempotency = await _ensure_kv(
-        js,
-        jsapi.KeyValueConfig(
-            bucket=names.idempotency_bucket,
-            description="MNEMOS idempotency keys -> job ids",
-            history=1,
-            ttl=o.idempotency_window_s,
-            storage=jsapi.StorageType.FILE,
-            replicas=o.replicas,
-            direct=True,
-        ),
-    )
-    pools = await _ensure_kv(
-        js,
-        jsapi.KeyValueConfig(
-            bucket=names.pools_bucket,
-            description="MNEMOS autoscaler pools (settings; mnemos pools set/rm)",
-            history=5,
-            storage=jsapi.StorageType.FILE,
-            replicas=o.replicas,
-            direct=o.replicas == 1,
-        ),
-    )
-    autoscaler = await _ensure_kv(
-        js,
-        jsapi.KeyValueConfig(
-            bucket=names.autoscaler_bucket,
-            description="MNEMOS autoscaler state: the leader lease (expires unless renewed), pool status",
-            history=1,
-            storage=jsapi.StorageType.FILE,
-            replicas=o.replicas,
-            # The lease is read right before its compare-and-set: from the leader.
-            direct=o.replicas == 1,
-            # Per-key TTLs (the lease), and a marker when one expires.
-            limit_marker_ttl=60.0,
-        ),
-    )
-    apps = await _ensure_kv(
-        js,
-        jsapi.KeyValueConfig(
-            bucket=names.apps_bucket,
-            description="MNEMOS deployed apps (live version and definitions; mnemos deploy)",
-            history=5,
-            storage=jsapi.StorageType.FILE,
-            replicas=o.replicas,
-            direct=o.replicas == 1,
-        ),
-    )
-    actors = await _ensure_kv(
-        js,
-        jsapi.KeyValueConfig(
-            bucket=names.actors_bucket,
-            description="MNEMOS actors: act.<token> the live activation, state.<token> its checkpoint",
-            history=1,
-            storage=jsapi.StorageType.FILE,
-            replicas=o.replicas,
-            # An activation is read right before its compare-and-set: from the leader.
-            direct=o.replicas == 1,
-        ),
-    )
+    _, (jobs, workers, models, idempotency, pools, autoscaler, apps, actors) = await asyncio.gather(streams, buckets)
     return Layout(names=names, jobs=jobs, workers=workers, models=models, idempotency=idempotency,
                   pools=pools, autoscaler=autoscaler, apps=apps, actors=actors)

@@ -17,7 +17,7 @@ from nats.aio.msg import Msg
 from control_plane import ControlPlane, ControlPlaneSettings
 from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
-from mnemos.messages import JobRecord
+from mnemos.messages import JobRecord, decode, encode
 from mnemos.names import Names
 from tests.conftest import assert_eventually
 
@@ -137,3 +137,30 @@ async def test_a_job_cancelled_before_its_claim_is_written_stays_cancelled(
 
 async def _idle(worker: Any) -> bool:
     return not worker.executor.running
+
+
+async def test_a_run_job_is_answered_once_and_readable_at_once(
+    control_plane: Any, demo_fn: Any, start_worker: Any, client: Client, nc: NATS, names: Names
+) -> None:
+    """Exactly one answer per job, sent once the record that ends it is stored: ``jobs.get``
+    right after the answer finds the record it describes."""
+    await start_worker()
+    await _warm(client)
+    inbox = nc.new_inbox()
+    answers: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def collect(msg: Msg) -> None:
+        await answers.put(msg)
+
+    await nc.subscribe(inbox, cb=collect)
+    spec = job_spec("demo-fn:v1", function="add", args=[20, 22])
+    for _ in range(20):
+        await nc.publish(names.api_subject("jobs.run"), encode(spec), reply=inbox)
+        answer = decode((await asyncio.wait_for(answers.get(), 30)).data, JobRecord)
+        assert answer.status == "completed" and answer.output is not None and answer.output.result == 42
+        stored = await client.get(answer.job_id)
+        assert (stored.status, stored.attempts) == (answer.status, answer.attempts)
+    # A second answer to any of them would have arrived behind its job's record write.
+    await nc.flush()
+    await asyncio.sleep(0.2)
+    assert answers.empty()
