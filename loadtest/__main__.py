@@ -41,9 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     http.add_argument("--gateway-url", default=None, help="a running gateway instead of a fresh local stack")
     http.add_argument("--api-key", default=None)
     http.add_argument("--jobs", type=int, default=3000)
-    http.add_argument("--window", type=int, default=8,
-                      help="concurrent HTTP requests (httpx, the load generator, slows down past ~16)")
+    http.add_argument("--procs", type=int, default=2, help="load-generator processes (aiohttp)")
+    http.add_argument("--window", type=int, default=16, help="requests in flight per load-generator process")
     http.add_argument("--roundtrips", type=int, default=300)
+    http.add_argument("--completions", type=int, default=50, help="sequential /v1/completions, whole and streamed")
+    http.add_argument("--cpu", action="store_true",
+                      help="also print the CPU each process spent per job (the local stack's and the generators')")
     http.add_argument("--json", action="store_true")
     for kind in ("noop", "stream"):
         k = kinds.add_parser(kind)
@@ -183,14 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     elif args.kind == "http":
         from loadtest.http_bench import HttpOptions, bench_http
 
-        options = HttpOptions(jobs=args.jobs, window=args.window, roundtrips=args.roundtrips)
+        options = HttpOptions(jobs=args.jobs, window=args.window, procs=args.procs, roundtrips=args.roundtrips,
+                              completions=args.completions)
         if args.gateway_url:
-            result = asyncio.run(bench_http(args.gateway_url, options, args.api_key))
+            result = bench_http(args.gateway_url, options, args.api_key)
         else:
             print("starting a local stack with the HTTP gateway ...", flush=True)
             with local_stack(workers=1, slots=256, gateway=True) as stack:
                 assert stack.gateway_url is not None
-                result = asyncio.run(bench_http(stack.gateway_url, options))
+                result = bench_http(stack.gateway_url, options,
+                                    cpu=(lambda: cpu_per_process(stack)) if args.cpu else None, nats=stack.settings)
     elif args.kind == "noop":
         with _target(args, args.slots) as settings:
             result = asyncio.run(bench_noop(settings, NoopOptions(args.jobs, args.window, args.roundtrips)))

@@ -39,3 +39,16 @@ def test_bench_noop_prints_the_cpu_of_each_process() -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     per_job = {line.split()[0] for line in out.stdout.splitlines() if line.endswith("us/job")}
     assert {"nats-server", "control-plane", "worker-0", "load"} <= per_job
+
+
+def test_bench_http_drives_the_gateway_from_several_processes() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNEMOS_")}
+    out = subprocess.run([sys.executable, "-m", "loadtest", "bench", "http", "--jobs", "60", "--procs", "2",
+                          "--window", "4", "--roundtrips", "5", "--completions", "2", "--cpu", "--json"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "60 no-op jobs" in out.stdout and "2 aiohttp processes x 4 in flight" in out.stdout
+    per_job = {line.split()[0] for line in out.stdout.splitlines() if line.endswith("us/job")}
+    assert {"nats-server", "control-plane", "worker-0", "gateway", "load"} <= per_job
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["failures"] == 0 and result["jobs_per_s"] > 0 and result["completion_p50_ms"] > 0

@@ -22,7 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from control_plane.gateway import apps, jobs, openai_api, pools
 from control_plane.gateway.auth import ApiKeys
 from control_plane.gateway.config import GatewaySettings
-from control_plane.gateway.deps import GatewayState, gateway_state
+from control_plane.gateway.deps import GatewayState, state_of
 from control_plane.gateway.http import MsgspecResponse, error_response, install_error_handlers, openapi_components
 from control_plane.gateway.metrics import GatewayMetrics, MetricsMiddleware
 from mnemos.client import Client
@@ -108,7 +108,7 @@ def _ops_routes(app: FastAPI) -> None:
     @app.get("/readyz", tags=["ops"], summary="Readiness: NATS is connected and a control plane answers",
              responses={503: {"description": "Not ready; the body says why"}})
     async def readyz(request: Request) -> Response:
-        state = gateway_state(request)
+        state = state_of(request)
         try:
             if state.client is None:
                 raise MnemosError("the gateway is not connected to NATS")
@@ -126,7 +126,7 @@ def _ops_routes(app: FastAPI) -> None:
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics of this gateway",
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     async def metrics(request: Request) -> Response:
-        body, content_type = gateway_state(request).metrics.render(request.headers.get("accept", ""))
+        body, content_type = state_of(request).metrics.render(request.headers.get("accept", ""))
         return Response(body, headers={"Content-Type": content_type})
 
 

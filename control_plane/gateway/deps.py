@@ -16,7 +16,7 @@ from mnemos.client import Client
 from mnemos.errors import Forbidden, NotConnected
 from mnemos.tasks import Supervisor
 
-__all__ = ["GatewayState", "gateway_state", "tenant_client", "operator_client"]
+__all__ = ["GatewayState", "gateway_state", "state_of", "tenant_client", "operator_client"]
 
 
 _bearer = HTTPBearer(auto_error=False, description="An API key (when the gateway has keys configured)")
@@ -45,9 +45,15 @@ class GatewayState:
         await self.supervisor.stop(timeout=timeout)
 
 
-def gateway_state(request: Request) -> GatewayState:
+def state_of(request: Request) -> GatewayState:
     state: GatewayState = request.app.state.gateway
     return state
+
+
+async def gateway_state(request: Request) -> GatewayState:
+    """The gateway's state, as a route dependency. Every dependency here is ``async``:
+    FastAPI runs a plain ``def`` one in its thread pool, a thread hop on every request."""
+    return state_of(request)
 
 
 async def tenant_client(
@@ -55,7 +61,7 @@ async def tenant_client(
     credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
 ) -> Client:
     """The NATS client acting for the tenant of the request's API key (401 without one)."""
-    state = gateway_state(request)
+    state = state_of(request)
     tenant = state.keys.tenant(credentials.credentials if credentials is not None else None)
     if state.client is None:
         raise NotConnected("the gateway is not connected to NATS")
@@ -69,7 +75,7 @@ async def operator_client(
     """The NATS client acting as the operator (no tenant): for a key whose tenant is in
     ``MNEMOS_GATEWAY_OPERATOR_TENANTS``, or anyone on a gateway without keys (loopback).
     Another tenant's key gets 403 ``forbidden``; none, 401."""
-    state = gateway_state(request)
+    state = state_of(request)
     tenant = state.keys.tenant(credentials.credentials if credentials is not None else None)
     operators = {t.strip() for t in state.settings.operator_tenants.split(",") if t.strip()}
     if tenant is not None and tenant not in operators:

@@ -125,10 +125,11 @@ def error_response(info: ErrorInfo, status: int, retry_after_s: int | None = Non
     return MsgspecResponse(ErrorReply(error=info), status_code=status, headers=headers)
 
 
-def require_json(request: Request) -> None:
+async def require_json(request: Request) -> None:
     """A route dependency: the body must be declared ``application/json`` (or ``*/*+json``);
     anything else, or no ``Content-Type`` at all, is 415 ``unsupported_media_type``. A
-    JSON body is never guessed from a form or plain text."""
+    JSON body is never guessed from a form or plain text. (``async``: FastAPI runs a plain
+    ``def`` dependency in its thread pool.)"""
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
         raise UnsupportedMediaType(
