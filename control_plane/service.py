@@ -43,6 +43,7 @@ from mnemos.endpoints import (
     JOBS_LIST,
     JOBS_RETRY,
     JOBS_RUN,
+    JOBS_START,
     JOBS_SUBMIT,
     MODELS_GET,
     MODELS_LIST,
@@ -206,6 +207,7 @@ class ControlPlane:
         routes = bind({
             JOBS_SUBMIT: self._submit,
             JOBS_RUN: self._run,
+            JOBS_START: self._start,
             JOBS_GET: self._get,
             JOBS_LIST: self._list,
             JOBS_CANCEL: self._cancel,
@@ -380,6 +382,35 @@ class ControlPlane:
         if not record.terminal:  # the same idempotency key is running: answer when it ends
             async with self.admission.waiting():
                 record = await self._wait_terminal(record.job_id, record.spec.timeout_seconds + 60.0)
+        await self._respond(req, record)
+
+    async def _start(self, req: Request) -> None:
+        """Queue a job and answer with its record at once; whoever finishes it answers the
+        same subject again (the record's ``reply_to``), as for ``jobs.run``.
+
+        The record is written first and the dispatch message carries its revision: the
+        caller may read or cancel the job the moment it has the answer, and the worker
+        claims it at that revision without reading it. Once the record is stored the job is
+        accepted: if its message cannot be stored now, the reaper sends it when it checks the
+        queued jobs (``requeue_check_s``), so the answer is the record all the same.
+        """
+        reply_to = _reply_subject(req)
+        if not reply_to:
+            raise ValidationFailed("jobs.start needs a reply subject (use request, not publish)")
+        spec = decode(req.data, JobSpec)
+        if spec.idempotency_key is not None:
+            raise ValidationFailed("jobs.start takes no idempotency_key: use jobs.submit and follow the job")
+        jobs, catalog, _ = self._ready()
+        record = await self._new_record(spec, catalog, reply_to, _tenant(req))
+        if self.depth is not None:
+            self.depth.check(record.runtime)
+        data = encode(record)
+        revision = await jobs.create(record, data)
+        try:
+            await self._dispatch(record, revision, data)
+        except MnemosError as e:
+            log.warning("job %s recorded, but its message not stored yet (the reaper will send it): %r",
+                        record.job_id, e)
         await self._respond(req, record)
 
     async def _wait_terminal(self, job_id: str, timeout: float) -> JobRecord:

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
+import itertools
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, TypeVar
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js import api as jsapi
 
 from mnemos.config import NatsSettings
@@ -33,6 +36,7 @@ from mnemos.endpoints import (
     JOBS_LIST,
     JOBS_RETRY,
     JOBS_RUN,
+    JOBS_START,
     JOBS_SUBMIT,
     MODELS_GET,
     MODELS_LIST,
@@ -136,6 +140,41 @@ def job_spec(
     return decode(encode(raw), JobSpec)
 
 
+class _Replies:
+    """One wildcard subscription per connection for requests that are answered more than
+    once (``jobs.start``): each request gets a subject under it and a queue of its answers."""
+
+    def __init__(self, nc: NATS) -> None:
+        self.nc = nc
+        self._prefix = ""
+        self._sub: Any = None
+        self._lock = asyncio.Lock()
+        self._ids = itertools.count(1)
+        self._waiting: dict[str, asyncio.Queue[Msg]] = {}
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[tuple[str, asyncio.Queue[Msg]]]:
+        """A reply subject and the queue its answers arrive in, for the block's duration."""
+        if self._sub is None:
+            async with self._lock:
+                if self._sub is None:
+                    prefix = self.nc.new_inbox()
+                    self._sub = await self.nc.subscribe(prefix + ".*", cb=self._on_answer)
+                    self._prefix = prefix
+        token = str(next(self._ids))
+        answers: asyncio.Queue[Msg] = asyncio.Queue()
+        self._waiting[token] = answers
+        try:
+            yield f"{self._prefix}.{token}", answers
+        finally:
+            self._waiting.pop(token, None)
+
+    async def _on_answer(self, msg: Msg) -> None:
+        answers = self._waiting.get(msg.subject.rpartition(".")[2])
+        if answers is not None:  # one that came after its caller stopped waiting is dropped
+            answers.put_nowait(msg)
+
+
 class Client:
     """Async client of one MNEMOS namespace."""
 
@@ -154,6 +193,8 @@ class Client:
         #: Act for this tenant: its jobs are recorded with it, and only its jobs are visible.
         self.tenant = tenant
         self._headers = {HDR_TENANT: tenant} if tenant else None
+        #: Answers to requests answered twice (``jobs.start``), shared by the connection's clients.
+        self._replies = _Replies(nc) if nc is not None else None
 
     @classmethod
     async def connect(
@@ -168,7 +209,9 @@ class Client:
 
     def for_tenant(self, tenant: str | None) -> "Client":
         """A client on the same connection acting for ``tenant`` (closing it closes nothing)."""
-        return Client(self._nc, self.names, request_timeout=self.request_timeout, tenant=tenant)
+        client = Client(self._nc, self.names, request_timeout=self.request_timeout, tenant=tenant)
+        client._replies = self._replies
+        return client
 
     async def close(self) -> None:
         nc, self._nc = self._nc, None
@@ -219,6 +262,43 @@ class Client:
             if isinstance(e.__cause__, nats.errors.TimeoutError):
                 raise JobTimeout(f"job did not finish within {wait:g}s") from e
             raise
+
+    async def start(self, spec: JobSpec, wait: float) -> JobRecord:
+        """Queue a job and wait up to ``wait`` seconds for it to end: its final record, or
+        (if it has not ended by then) its record as queued; the job goes on, follow it by
+        its id. One request, ``jobs.start``: the control plane answers with the record at
+        once, whoever finishes the job answers again. A spec with an idempotency key goes
+        through :meth:`submit` and :meth:`wait` instead (``jobs.start`` takes none)."""
+        if spec.idempotency_key is not None:
+            submitted = await self.submit(spec)
+            try:
+                return await self.wait(submitted.job_id, timeout=wait)
+            except JobTimeout:
+                return submitted
+        assert self._replies is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        async with self._replies.open() as (reply, answers):
+            await self.nc.publish(JOBS_START.subject(self.names), encode(spec), reply=reply, headers=self._headers)
+            queued: JobRecord | None = None
+            while True:
+                # The first answer names the job: wait for it as for any request.
+                left = deadline - loop.time() if queued is not None else max(self.request_timeout,
+                                                                             deadline - loop.time())
+                try:
+                    msg = await asyncio.wait_for(answers.get(), timeout=max(0.0, left))
+                except TimeoutError:
+                    if queued is None:
+                        raise Unavailable(f"jobs.start got no answer within {left:g}s") from None
+                    return queued
+                if msg.headers and msg.headers.get("Status") == "503":
+                    raise Unavailable(f"no control plane answers on {JOBS_START.subject(self.names)}")
+                if msg.headers and HDR_SERVICE_ERROR_CODE in msg.headers:
+                    raise from_info(decode(msg.data, ErrorReply).error)
+                record = decode(msg.data, JobRecord)
+                if record.terminal:
+                    return record
+                queued = record
 
     async def get(self, job_id: str) -> JobRecord:
         return await self._call(JOBS_GET, GetJob(job_id=job_id))

@@ -51,6 +51,7 @@ __all__ = [
     "ENDPOINTS",
     "JOBS_SUBMIT",
     "JOBS_RUN",
+    "JOBS_START",
     "JOBS_GET",
     "JOBS_LIST",
     "JOBS_CANCEL",
@@ -106,6 +107,9 @@ class Endpoint(Generic[Req, Rep]):
 
 JOBS_SUBMIT = Endpoint("jobs.submit", JobSpec, JobRecord, "Queue a job; the reply is its record, status queued.")
 JOBS_RUN = Endpoint("jobs.run", JobSpec, JobRecord, "Queue a job; the reply is its record once the job has ended.")
+JOBS_START = Endpoint("jobs.start", JobSpec, JobRecord,
+                      "Queue a job; the reply is its record at once (status queued), and a second message "
+                      "on the same subject is its record once it has ended.")
 JOBS_GET = Endpoint("jobs.get", GetJob, JobRecord, "A job's record.")
 JOBS_LIST = Endpoint("jobs.list", ListJobs, JobList, "A page of jobs, newest first.", body_optional=True)
 JOBS_CANCEL = Endpoint("jobs.cancel", CancelJob, JobRecord, "Cancel a queued or running job.")
@@ -127,8 +131,8 @@ ACTORS_LIST = Endpoint("actors.list", ListActors, ActorList,
 
 #: Every endpoint, in the order docs/api.md lists them.
 ENDPOINTS: tuple[Endpoint[Any, Any], ...] = (
-    JOBS_SUBMIT, JOBS_RUN, JOBS_GET, JOBS_LIST, JOBS_CANCEL, JOBS_RETRY, WORKERS_LIST, MODELS_LIST, MODELS_GET,
-    POOLS_LIST, POOLS_GET, POOLS_SET, POOLS_DELETE, APPS_LIST, APPS_GET, APPS_DEPLOY,
+    JOBS_SUBMIT, JOBS_RUN, JOBS_START, JOBS_GET, JOBS_LIST, JOBS_CANCEL, JOBS_RETRY, WORKERS_LIST, MODELS_LIST,
+    MODELS_GET, POOLS_LIST, POOLS_GET, POOLS_SET, POOLS_DELETE, APPS_LIST, APPS_GET, APPS_DEPLOY,
     ACTORS_LIST,
 )
 

@@ -26,7 +26,7 @@ from control_plane.gateway.http import (
     to_builtins,
 )
 from mnemos.client import Client
-from mnemos.errors import InvalidRequest, JobTimeout, ValidationFailed
+from mnemos.errors import InvalidRequest, ValidationFailed
 from mnemos.messages import (
     JobStatus,
     Runtime,
@@ -106,13 +106,14 @@ async def submit_job(
     if wait > state.settings.max_wait_s:
         raise ValidationFailed(f"wait is at most {state.settings.max_wait_s:g} seconds")
     spec: JobSpec = await read_body(request, JobSpec)
-    record = await client.submit(spec)
-    if wait > 0:
-        try:
-            return _record(await client.wait(record.job_id, timeout=wait), 200)
-        except JobTimeout:
-            record = await client.get(record.job_id)
-    return _record(record, 202)
+    if wait <= 0:
+        return _record(await client.submit(spec), 202)
+    # One request: the control plane answers with the queued record, the worker (or
+    # whoever ends the job) answers again with the final one.
+    record = await client.start(spec, wait)
+    if not record.terminal:  # not ended in time: as it is now
+        record = await client.get(record.job_id)
+    return _record(record, 200 if record.terminal else 202)
 
 
 @router.get(
