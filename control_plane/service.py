@@ -111,7 +111,16 @@ from mnemos.messages import (
     encode_dispatch,
     utcnow,
 )
-from mnemos.names import HDR_MSG_ID, HDR_TENANT, RUNTIMES, SERVICE_NAME, SERVICE_VERSION, TEXT_RUNTIMES, model_token
+from mnemos.names import (
+    HDR_MSG_ID,
+    HDR_RECORD_FOLLOWS,
+    HDR_TENANT,
+    RUNTIMES,
+    SERVICE_NAME,
+    SERVICE_VERSION,
+    TEXT_RUNTIMES,
+    model_token,
+)
 from mnemos.runtime_config import job_runtime_config
 from mnemos.tasks import Supervisor
 
@@ -386,31 +395,16 @@ class ControlPlane:
 
     async def _start(self, req: Request) -> None:
         """Queue a job and answer with its record at once; whoever finishes it answers the
-        same subject again (the record's ``reply_to``), as for ``jobs.run``.
-
-        The record is written first and the dispatch message carries its revision: the
-        caller may read or cancel the job the moment it has the answer, and the worker
-        claims it at that revision without reading it. Once the record is stored the job is
-        accepted: if its message cannot be stored now, the reaper sends it when it checks the
-        queued jobs (``requeue_check_s``), so the answer is the record all the same.
-        """
+        same subject again (the record's ``reply_to``), as for ``jobs.run``. The record is
+        written at once, as for ``jobs.submit``: the caller may read or cancel the job the
+        moment it has the first answer."""
         reply_to = _reply_subject(req)
         if not reply_to:
             raise ValidationFailed("jobs.start needs a reply subject (use request, not publish)")
         spec = decode(req.data, JobSpec)
         if spec.idempotency_key is not None:
             raise ValidationFailed("jobs.start takes no idempotency_key: use jobs.submit and follow the job")
-        jobs, catalog, _ = self._ready()
-        record = await self._new_record(spec, catalog, reply_to, _tenant(req))
-        if self.depth is not None:
-            self.depth.check(record.runtime)
-        data = encode(record)
-        revision = await jobs.create(record, data)
-        try:
-            await self._dispatch(record, revision, data)
-        except MnemosError as e:
-            log.warning("job %s recorded, but its message not stored yet (the reaper will send it): %r",
-                        record.job_id, e)
+        record, _ = await self._accept(spec, reply_to=reply_to, tenant=_tenant(req), defer_record=False)
         await self._respond(req, record)
 
     async def _wait_terminal(self, job_id: str, timeout: float) -> JobRecord:
@@ -431,9 +425,12 @@ class ControlPlane:
             await sub.unsubscribe()
         return record
 
-    async def _accept(self, spec: JobSpec, reply_to: str | None, tenant: str | None) -> tuple[JobRecord, bool]:
+    async def _accept(
+        self, spec: JobSpec, reply_to: str | None, tenant: str | None, *, defer_record: bool = True
+    ) -> tuple[JobRecord, bool]:
         """Validate and queue a job: (record, True); or (the existing job, False) for an
-        idempotency key seen within the window.
+        idempotency key seen within the window. ``defer_record=False``: write the record of
+        a job with a ``reply_to`` at once (``jobs.start``), and say so on its message.
 
         The dispatch message is written first: once it is stored the job is accepted and
         cannot be lost, whatever fails next. It carries revision 0, so the claiming worker
@@ -462,14 +459,16 @@ class ControlPlane:
             else:
                 claimed_key = True
         data = encode(record)
+        defer = defer_record and reply_to is not None and spec.idempotency_key is None and self.deferred is not None
         try:
-            seq = await self._dispatch(record, 0, data)
+            seq = await self._dispatch(record, 0, data, record_follows=reply_to is not None and not defer_record)
         except MnemosError:
             if claimed_key:  # not accepted: a retry must make a new job
                 await self._release_idempotency_key(_idempotency_hash(spec.idempotency_key or "", tenant), layout)
             raise
         record.queued_seq = seq
-        if reply_to is not None and spec.idempotency_key is None and self.deferred is not None:
+        if defer:
+            assert self.deferred is not None
             self.deferred.add(record, self.names.dispatch_consumer(
                 record.runtime, spec.priority, model_token(spec.model.family, spec.model.version)), seq)
         else:
@@ -534,25 +533,30 @@ class ControlPlane:
         except Exception as e:  # best effort: a later submit takes a stale key over anyway
             log.warning("could not release an idempotency key: %r", e)
 
-    async def _dispatch(self, record: JobRecord, revision: int, record_json: bytes | None = None) -> int:
+    async def _dispatch(
+        self, record: JobRecord, revision: int, record_json: bytes | None = None, *, record_follows: bool = False
+    ) -> int:
         """Queue ``record`` (at KV ``revision``, 0: not written yet) for its runtime and
         priority; the stream sequence. A repeated dispatch of the same generation within the
-        stream's duplicate window is stored once (``Nats-Msg-Id``)."""
-        return (await self._dispatch_once(record, revision, record_json))[0]
+        stream's duplicate window is stored once (``Nats-Msg-Id``). ``record_follows``: the
+        queued record of a job with a ``reply_to`` is written right after (see
+        :data:`~mnemos.names.HDR_RECORD_FOLLOWS`)."""
+        return (await self._dispatch_once(record, revision, record_json, record_follows=record_follows))[0]
 
     async def _dispatch_once(
-        self, record: JobRecord, revision: int, record_json: bytes | None = None, *, msg_id: str | None = None
+        self, record: JobRecord, revision: int, record_json: bytes | None = None, *, msg_id: str | None = None,
+        record_follows: bool = False,
     ) -> tuple[int, bool]:
         """:meth:`_dispatch`, also saying whether the message was stored now (False: the
         stream already held this generation's message)."""
         spec = record.spec
         subject = self.names.dispatch_subject(record.runtime, spec.priority, spec.model.family, spec.model.version)
+        headers = {HDR_MSG_ID: msg_id or f"{record.job_id}.g{record.dispatch}"}
+        if record_follows:
+            headers[HDR_RECORD_FOLLOWS] = "1"
         try:
-            return await self._publisher.publish_once(
-                subject,
-                encode_dispatch(record, revision, record_json),
-                headers={HDR_MSG_ID: msg_id or f"{record.job_id}.g{record.dispatch}"},
-            )
+            return await self._publisher.publish_once(subject, encode_dispatch(record, revision, record_json),
+                                                      headers=headers)
         except MnemosError as e:
             raise Unavailable(f"could not queue job {record.job_id}: {e.message}") from e
 

@@ -49,6 +49,10 @@ HDR_SERVICE_ERROR_CODE = "Nats-Service-Error-Code"
 HDR_TENANT = "Mnemos-Tenant"
 #: On a request to an actor's subject: "are you there?" (answered without a call).
 HDR_PING = "Mnemos-Ping"
+#: On a dispatch message of revision 0 whose job has a ``reply_to``: the control plane
+#: writes the job's queued record right after it (``jobs.start``), as for ``jobs.submit``,
+#: instead of deferring it (``jobs.run``). The worker reads the record before claiming.
+HDR_RECORD_FOLLOWS = "Mnemos-Record-Follows"
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 

@@ -51,7 +51,7 @@ from mnemos.messages import (
     encode,
     utcnow,
 )
-from mnemos.names import Names
+from mnemos.names import HDR_RECORD_FOLLOWS, Names
 from mnemos.tasks import Supervisor
 from neuron_runtime.metrics import WorkerMetrics
 from neuron_runtime.pool import ModelPool, pool_key
@@ -440,8 +440,12 @@ class Executor:
         ex.claim_args = {"generation": generation, "redelivered": redelivered, "warm": warm,
                          "dispatch_seq": dispatch_seq}
         rec = ex.record
+        # The control plane writes this job's queued record right after its message
+        # (``jobs.submit``, a key, ``jobs.start``), or only if nobody claims it (``jobs.run``).
+        record_follows = (rec.reply_to is None or rec.spec.idempotency_key is not None
+                          or bool(ex.msg.headers and ex.msg.headers.get(HDR_RECORD_FOLLOWS)))
         if (warm and ex.revision == 0 and not redelivered and self.claim_delay_s > 0
-                and rec.reply_to is not None and rec.spec.idempotency_key is None):
+                and not record_follows):
             # A ``jobs.run`` job without an idempotency key: its caller learns its id only
             # from the answer, and the control plane writes its queued record only if no
             # worker claimed it within ``run_record_delay_s`` (1 s), so nobody can address it
@@ -458,11 +462,10 @@ class Executor:
             outcome = lifecycle.claim(rec, self.worker_id, utcnow(), **ex.claim_args)
             return rec if outcome in (lifecycle.Claim.TAKEN, lifecycle.Claim.ENDED) else None
 
-        if ex.revision == 0 and (rec.reply_to is None or rec.spec.idempotency_key is not None):
-            # The control plane writes this job's queued record right after its dispatch
-            # message (``jobs.submit``, or a key): by now it is almost always there. Read it
-            # first, so the claim names its revision instead of losing a create to it (a
-            # lost create costs a write, a read and a second write).
+        if ex.revision == 0 and record_follows:
+            # By now the record is almost always there. Read it first, so the claim names
+            # its revision instead of losing a create to it (a lost create costs a write, a
+            # read and a second write).
             try:
                 ex.record, ex.revision = await self.jobs.get(ex.job_id, fresh=True)
                 ex.encoded = None
