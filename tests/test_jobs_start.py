@@ -14,6 +14,7 @@ from mnemos.client import Client, job_spec
 from mnemos.errors import UnknownModel, ValidationFailed
 from mnemos.messages import JobRecord, decode, encode
 from mnemos.names import HDR_SERVICE_ERROR_CODE, Names
+from tests.conftest import assert_eventually
 
 
 async def test_start_returns_the_final_record_of_a_job_that_ends_in_time(
@@ -70,3 +71,31 @@ async def test_bad_starts_get_the_error_envelope_and_a_key_goes_through_submit(
     done = await client.start(keyed, wait=30)  # the client submits and follows a keyed job
     assert done.status == "completed" and done.output is not None and done.output.result == 7
     assert (await client.start(keyed, wait=30)).job_id == done.job_id
+
+
+
+async def test_a_started_job_is_claimed_before_it_runs(
+    control_plane: Any, demo_fn: Any, start_worker: Any, client: Client, nc: NATS, names: Names
+) -> None:
+    """The message says the record follows it, so the worker claims the job on record
+    before running it, as for ``jobs.submit``: it does not take it for a ``jobs.run`` job,
+    whose claim it would defer and write with the result (racing the control plane's create)."""
+    await start_worker()
+    await client.run(job_spec("demo-fn:v1", function="noop"), timeout=30)  # warm: a deferred claim would apply
+    written: list[tuple[str, str]] = []
+
+    async def record(msg: Msg) -> None:
+        rec = decode(msg.data, JobRecord)
+        written.append((rec.job_id, rec.status))
+
+    await nc.subscribe(Names.kv_key_subject(names.jobs_bucket, "*"), cb=record)
+    await nc.flush()
+    done = await client.start(job_spec("demo-fn:v1", function="noop"), wait=30)
+    assert done.status == "completed"
+
+    def ended() -> list[str] | None:
+        statuses = [status for job, status in written if job == done.job_id]
+        return statuses if "completed" in statuses else None
+
+    statuses = await assert_eventually(ended)
+    assert "running" in statuses[:statuses.index("completed")]
