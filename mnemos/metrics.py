@@ -19,14 +19,16 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
-from prometheus_client import make_asgi_app
-from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
-from starlette.types import Receive, Scope, Send
 
-from mnemos.asgi import AsgiServer
 from mnemos.errors import MnemosError
+
+if TYPE_CHECKING:  # the HTTP side (uvicorn, the exposition formats) is imported when first served
+    from starlette.types import Receive, Scope, Send
+
+    from mnemos.asgi import AsgiServer
 
 __all__ = [
     "LATENCY_BUCKETS",
@@ -69,6 +71,8 @@ class MetricsUnavailable(MnemosError, OSError):
 def render(registry: Collector, accept: str = "") -> tuple[bytes, str]:
     """``registry`` in the exposition format the ``Accept`` header asks for (Prometheus
     text by default, OpenMetrics on request): (body, content type)."""
+    from prometheus_client.exposition import choose_encoder
+
     encoder, content_type = choose_encoder(accept)
     return encoder(registry), content_type
 
@@ -86,6 +90,8 @@ class MetricsServer:
         self.registry = registry
         self.host = host
         self.before_scrape = before_scrape
+        from prometheus_client import make_asgi_app  # (and uvicorn below) only where metrics are served
+
         self._metrics_app = make_asgi_app(registry)
         self._http: AsgiServer | None = None
 
@@ -105,6 +111,8 @@ class MetricsServer:
         """Listen on ``port`` (0: a free one); :class:`MetricsUnavailable` if it cannot."""
         if self._http is not None:
             return
+        from mnemos.asgi import AsgiServer
+
         http = AsgiServer(self._app, self.host, port, graceful_timeout_s=1.0)
         try:
             await http.start()
