@@ -459,7 +459,7 @@ class ControlPlane:
             else:
                 claimed_key = True
         data = encode(record)
-        defer = defer_record and reply_to is not None and spec.idempotency_key is None and self.deferred is not None
+        deferred = self.deferred if defer_record and reply_to is not None and spec.idempotency_key is None else None
         try:
             seq = await self._dispatch(record, 0, data, record_follows=reply_to is not None and not defer_record)
         except MnemosError:
@@ -467,9 +467,8 @@ class ControlPlane:
                 await self._release_idempotency_key(_idempotency_hash(spec.idempotency_key or "", tenant), layout)
             raise
         record.queued_seq = seq
-        if defer:
-            assert self.deferred is not None
-            self.deferred.add(record, self.names.dispatch_consumer(
+        if deferred is not None:
+            deferred.add(record, self.names.dispatch_consumer(
                 record.runtime, spec.priority, model_token(spec.model.family, spec.model.version)), seq)
         else:
             try:

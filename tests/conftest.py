@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import nats
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 
 from mnemos.config import NatsSettings
 from mnemos.embedded import EmbeddedNats, die_with_parent, free_port
@@ -57,6 +58,19 @@ async def assert_eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"{message} within {timeout}s (last: {last!r})")
         await asyncio.sleep(interval)
+
+
+async def answers_on(nc: NATS) -> tuple[str, asyncio.Queue[Msg]]:
+    """A fresh inbox subscribed on ``nc`` and the queue of every message it receives (to
+    publish a request with it as the reply subject and see each answer, not only the first)."""
+    inbox = nc.new_inbox()
+    answers: asyncio.Queue[Msg] = asyncio.Queue()
+
+    async def collect(msg: Msg) -> None:
+        answers.put_nowait(msg)
+
+    await nc.subscribe(inbox, cb=collect)
+    return inbox, answers
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
 from mnemos.messages import JobRecord, decode, encode
 from mnemos.names import Names
-from tests.conftest import assert_eventually
+from tests.conftest import answers_on, assert_eventually
 
 
 class _Writes:
@@ -146,13 +146,7 @@ async def test_a_run_job_is_answered_once_and_readable_at_once(
     right after the answer finds the record it describes."""
     await start_worker()
     await _warm(client)
-    inbox = nc.new_inbox()
-    answers: asyncio.Queue[Msg] = asyncio.Queue()
-
-    async def collect(msg: Msg) -> None:
-        await answers.put(msg)
-
-    await nc.subscribe(inbox, cb=collect)
+    inbox, answers = await answers_on(nc)
     spec = job_spec("demo-fn:v1", function="add", args=[20, 22])
     for _ in range(20):
         await nc.publish(names.api_subject("jobs.run"), encode(spec), reply=inbox)

@@ -14,7 +14,7 @@ from mnemos.client import Client, job_spec
 from mnemos.errors import UnknownModel, ValidationFailed
 from mnemos.messages import JobRecord, decode, encode
 from mnemos.names import HDR_SERVICE_ERROR_CODE, Names
-from tests.conftest import assert_eventually
+from tests.conftest import answers_on, assert_eventually
 
 
 async def test_start_returns_the_final_record_of_a_job_that_ends_in_time(
@@ -42,13 +42,7 @@ async def test_the_two_answers_arrive_on_the_requests_subject(
     control_plane: Any, demo_fn: Any, start_worker: Any, nc: NATS, names: Names
 ) -> None:
     await start_worker()
-    inbox = nc.new_inbox()
-    answers: asyncio.Queue[Msg] = asyncio.Queue()
-
-    async def collect(msg: Msg) -> None:
-        await answers.put(msg)
-
-    await nc.subscribe(inbox, cb=collect)
+    inbox, answers = await answers_on(nc)
     await nc.publish(names.api_subject("jobs.start"), encode(job_spec("demo-fn:v1", function="add", args=[1, 1])),
                      reply=inbox)
     records = [decode((await asyncio.wait_for(answers.get(), 30)).data, JobRecord) for _ in range(2)]
