@@ -327,10 +327,21 @@ class NatsCli:
             await sub.unsubscribe()
 
     async def _initial(self, stream: str, subject: str, *, headers_only: bool = False) -> list[Msg]:
-        """The last message of each subject, read until the consumer has none pending."""
-        async with self._last_per_subject(stream, subject, headers_only=headers_only) as sub:
-            info = await sub.consumer_info()
-            if info.num_pending == 0 and not info.delivered.consumer_seq:
+        """The last message of each subject, read until the consumer has none pending.
+
+        As nats.go's watcher (``InitialConsumerPending``), "none at all" is read from the
+        consumer's create response: a later ``CONSUMER.INFO`` can report nothing pending and
+        nothing delivered while a subject's last message is being replaced, and then deliver
+        it (seen about once in 400 reads of a key rewritten every 2 ms)."""
+        inbox = self.nc.new_inbox()
+        sub = await self.nc.subscribe(inbox)
+        config = jsapi.ConsumerConfig(
+            deliver_subject=inbox, deliver_policy=jsapi.DeliverPolicy.LAST_PER_SUBJECT, filter_subject=subject,
+            ack_policy=jsapi.AckPolicy.NONE, headers_only=headers_only, mem_storage=True, num_replicas=1,
+            inactive_threshold=5.0)
+        created = await self.js.add_consumer(stream, config=config)
+        try:
+            if created.num_pending == 0:
                 return []
             msgs = []
             while True:
@@ -338,6 +349,9 @@ class NatsCli:
                 msgs.append(msg)
                 if msg.metadata.num_pending == 0:
                     return msgs
+        finally:
+            await sub.unsubscribe()
+            await self.js.delete_consumer(stream, created.name)
 
     async def kv_keys(self, bucket: str) -> list[str]:
         """``nats kv ls BUCKET``."""
