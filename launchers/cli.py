@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from mnemos.config import NatsSettings
+from mnemos.permissions import ROLES
 from mnemos.errors import JobTimeout, MnemosError
 from mnemos.messages import JobRecord, ResultChunk, ResultFinal, ResultMessage, ResultStatus, encode
 
@@ -155,15 +156,19 @@ def _setup_logging() -> None:
 @click.group()
 @click.option("--nats-url", envvar="MNEMOS_NATS_URL", default=None, help="NATS server URL(s).")
 @click.option("--namespace", envvar="MNEMOS_NAMESPACE", default=None, help="Subject/bucket prefix.")
+@click.option("--creds", envvar="MNEMOS_NATS_CREDS", default=None,
+              help="NATS credentials file (default: the operator's that `mnemos up` wrote in MNEMOS_DATA_DIR).")
 @click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table", help="Output format.")
 @click.pass_context
-def cli(ctx: click.Context, nats_url: str | None, namespace: str | None, output: str) -> None:
+def cli(ctx: click.Context, nats_url: str | None, namespace: str | None, creds: str | None, output: str) -> None:
     """MNEMOS: serverless AI inference on your own GPUs, coordinated over NATS."""
     overrides: dict[str, Any] = {}
     if nats_url:
         overrides["nats_url"] = nats_url
     if namespace:
         overrides["namespace"] = namespace
+    if creds:
+        overrides["nats_creds"] = creds
     ctx.obj = _Ctx(_settings(NatsSettings, **overrides), output)
 
 
@@ -179,8 +184,12 @@ def cli(ctx: click.Context, nats_url: str | None, namespace: str | None, output:
 @click.option("--max-workers", type=int, default=4, show_default=True, help="The local pool's max_workers.")
 @click.option("--slots", type=int, default=4, show_default=True, help="Concurrent jobs per worker.")
 @click.option("--gateway-port", type=int, default=8080, show_default=True, help="HTTP gateway port (0: none).")
+@click.option("--auth/--no-auth", default=True, show_default=True,
+              help="NATS users per role with least permissions, credentials in DATA_DIR/auth "
+                   "(--no-auth: an open server).")
 @click.pass_obj
-def up(obj: _Ctx, data_dir: Path, port: int, workers: int, max_workers: int, slots: int, gateway_port: int) -> None:
+def up(obj: _Ctx, data_dir: Path, port: int, workers: int, max_workers: int, slots: int, gateway_port: int,
+       auth: bool) -> None:
     """Run everything locally: embedded NATS, control plane, the autoscaler with local
     workers, the demo model, the HTTP gateway."""
     from launchers.up import UpOptions, run_up
@@ -188,7 +197,7 @@ def up(obj: _Ctx, data_dir: Path, port: int, workers: int, max_workers: int, slo
     _setup_logging()
     sys.exit(run_up(UpOptions(data_dir=data_dir, port=port, workers=workers, worker_slots=slots,
                               namespace=obj.settings.namespace, gateway_port=gateway_port, autoscale=True,
-                              max_workers=max_workers)))
+                              max_workers=max_workers, auth=auth)))
 
 
 @cli.command("control-plane")
@@ -933,6 +942,62 @@ def models_push(obj: _Ctx, model_dir: Path, family: str, version: str, runtime: 
     else:
         console.print(f"registered [bold]{record.name}[/bold] ({record.runtime}, {len(record.files)} files, "
                       f"{_human(record.total_size)}) in {record.artifact.store}://{record.artifact.bucket}")
+
+
+# ---------------------------------------------------------------------------- auth
+
+
+@cli.group()
+def auth() -> None:
+    """NATS credentials: an operator, the accounts and a user per role (what `mnemos up` makes)."""
+
+
+@auth.command("init")
+@click.argument("directory", type=click.Path(path_type=Path))
+@click.pass_obj
+def auth_init(obj: _Ctx, directory: Path) -> None:
+    """Keys and `server.conf` in DIRECTORY (kept if there) and a user per role for the
+    namespace: include `server.conf` in nats-server's config, hand each process its file."""
+    from mnemos.auth import AuthDir
+    from mnemos.permissions import local_users
+
+    store = AuthDir(directory).ensure()
+    minted = {user: store.mint(user, permissions) for user, permissions in local_users(obj.settings.names).items()}
+    if obj.output == "json":
+        click.echo(json.dumps({"server_conf": str(store.server_conf), "creds": {u: str(p) for u, p in minted.items()}}))
+        return
+    console.print(f"nats-server config to include: [bold]{store.server_conf}[/bold]")
+    for user, path in minted.items():
+        console.print(f"  {user:<14} {path}")
+
+
+@auth.command("mint")
+@click.argument("role", type=click.Choice(ROLES))
+@click.option("--dir", "directory", type=click.Path(path_type=Path), required=True,
+              help="The directory of `mnemos auth init` (or DATA_DIR/auth of `mnemos up`).")
+@click.option("--name", default=None, help="The user's name (default: the role), e.g. service.acme.")
+@click.option("--expires", "expires_s", type=int, default=None, help="Seconds until the credentials expire.")
+@click.pass_obj
+def auth_mint(obj: _Ctx, role: str, directory: Path, name: str | None, expires_s: int | None) -> None:
+    """A credentials file for one more user of ROLE (signed by the account: no server change)."""
+    from mnemos.auth import AuthDir
+    from mnemos.permissions import role_permissions
+
+    store = AuthDir(directory)
+    if not store.exists:
+        err_console.print(f"[red]error[/red] [bold]invalid_request[/bold]: no keys in {directory}; "
+                          "run `mnemos auth init` first")
+        sys.exit(EXIT_INVALID)
+    user = name or role
+    if user.partition(".")[0] != role:
+        err_console.print(f"[red]error[/red] [bold]invalid_request[/bold]: the name {user!r} must start with {role!r}")
+        sys.exit(EXIT_INVALID)
+    try:
+        path = store.mint(user, role_permissions(role, obj.settings.names, user=user), expires_s=expires_s)
+    except ValueError as e:
+        err_console.print(f"[red]error[/red] [bold]invalid_request[/bold]: {e}")
+        sys.exit(EXIT_INVALID)
+    click.echo(str(path))
 
 
 def _human(n: int) -> str:

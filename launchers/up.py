@@ -25,14 +25,19 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnemos.config import NatsSettings
+from mnemos.auth import AuthDir
+from mnemos.config import LOCAL_USER, NatsSettings
 from mnemos.embedded import EmbeddedNats, die_with_parent
-from mnemos.environment import child_env, passthrough_names
+from mnemos.environment import CREDS_VARIABLE, child_env, passthrough_names, role_creds_variable
+from mnemos.permissions import local_users
 from mnemos.messages import Runtime
 
 __all__ = ["UpOptions", "LocalStack", "run_up", "ensure_demo", "child_env"]
 
 log = logging.getLogger("mnemos.up")
+
+#: The roles ``mnemos up`` runs as child processes (each with its own credentials).
+_CHILD_ROLES = ("control-plane", "worker", "gateway", "autoscaler")
 
 @dataclass
 class UpOptions:
@@ -49,6 +54,9 @@ class UpOptions:
     autoscale: bool = False
     max_workers: int = 4
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: Run NATS in operator mode with a user per role (``mnemos.permissions``) and no
+    #: anonymous access; off: an open server (``mnemos up --no-auth``).
+    auth: bool = True
 
 
 @dataclass
@@ -172,6 +180,18 @@ async def ensure_local_pool(settings: NatsSettings, options: UpOptions) -> None:
         await nc.drain()
 
 
+async def ensure_namespace(settings: NatsSettings) -> None:
+    """Create the namespace's streams and buckets unless they exist."""
+    from mnemos.connection import connect
+    from mnemos.layout import ensure_layout
+
+    nc = await connect(settings, "mnemos-up")
+    try:
+        await ensure_layout(nc.jetstream(), settings.names)
+    finally:
+        await nc.drain()
+
+
 async def _wait_ready(settings: NatsSettings, workers: int, timeout: float = 120.0) -> list[str]:
     from mnemos.client import Client
     from mnemos.errors import MnemosError
@@ -218,10 +238,11 @@ class LocalStack:
         self.options = options
         self.data_dir = options.data_dir.resolve()
         self.logs = self.data_dir / "logs"
+        self.auth = AuthDir(self.data_dir / "auth") if options.auth else None
         self.nats = EmbeddedNats(store_dir=self.data_dir / "nats", host=options.host, port=options.port,
-                                 log_file=self.logs / "nats-server.log")
-        self.settings = NatsSettings(nats_url=self.nats.url, namespace=options.namespace)
-        env = dict(os.environ)
+                                 log_file=self.logs / "nats-server.log",
+                                 include=self.auth.server_conf if self.auth else None)
+        env = {k: v for k, v in os.environ.items() if k != CREDS_VARIABLE}
         env.update({
             "MNEMOS_NATS_URL": self.nats.url,
             "MNEMOS_NAMESPACE": options.namespace,
@@ -229,6 +250,9 @@ class LocalStack:
             "MNEMOS_WORKER_MAX_CONCURRENT_JOBS": str(options.worker_slots),
             "PYTHONUNBUFFERED": "1",
         })
+        if self.auth is not None:
+            env.update({role_creds_variable(role): str(self.auth.creds_path(role)) for role in _CHILD_ROLES})
+        self.settings = self.settings_as(LOCAL_USER)
         env.update(options.extra_env)
         passthrough = passthrough_names(env)
         mnemos = [sys.executable, "-m", "launchers"]
@@ -259,17 +283,31 @@ class LocalStack:
         self.workers: list[str] = []
         self.apps: list[str] = []
 
+    def settings_as(self, user: str) -> NatsSettings:
+        """How ``user`` (a role, ``operator``, ``deploy``) reaches this stack's NATS."""
+        creds = str(self.auth.creds_path(user)) if self.auth is not None else None
+        return NatsSettings(nats_url=self.nats.url, namespace=self.options.namespace, nats_creds=creds)
+
     def start(self) -> None:
         """Start NATS, register the demo models, start the children, wait until a worker is up."""
         self.logs.mkdir(parents=True, exist_ok=True)
+        if self.auth is not None:
+            # Minted at every start: each role's permissions are this release's.
+            self.auth.ensure()
+            for user, permissions in local_users(self.settings.names).items():
+                self.auth.mint(user, permissions)
         self.nats.start()
-        self.models = asyncio.run(ensure_demo(self.settings, self.data_dir))
+        # The namespace's streams and buckets, made by the operator: the deploy user that
+        # registers the demos may create only the artifacts' bucket.
+        asyncio.run(ensure_namespace(self.settings))
+        deploy = self.settings_as("deploy")
+        self.models = asyncio.run(ensure_demo(deploy, self.data_dir))
         if self.options.autoscale:
             asyncio.run(ensure_local_pool(self.settings, self.options))
         for child in self.children:
             child.start()
         self.workers = asyncio.run(_wait_ready(self.settings, self.options.workers))
-        self.apps = asyncio.run(ensure_demo_app(self.settings))
+        self.apps = asyncio.run(ensure_demo_app(deploy))
         if self.gateway_url is not None:
             _wait_http(f"{self.gateway_url}/readyz")
 

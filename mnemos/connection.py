@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import nats
 from nats.aio.client import Client as NATS
 
+from mnemos.auth import creds_identity
 from mnemos.config import NatsSettings
 from mnemos.errors import Unavailable
 
@@ -82,10 +83,13 @@ async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:
     """Connect to NATS with reconnects forever and every async error logged (never dropped)."""
 
     holder: list[NATS] = []
+    before_connected: list[Exception] = []  # why the first connection is not made yet
 
     async def error_cb(e: Exception) -> None:
         # Before the first connection the failure is raised to the caller; after, log it.
         log.log(logging.WARNING if holder else logging.DEBUG, "nats error on %s: %r", name, e)
+        if not holder:
+            before_connected[:] = [e]
 
     async def disconnected_cb() -> None:
         closing = bool(holder) and (holder[0].is_closed or holder[0].is_draining)
@@ -106,8 +110,12 @@ async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:
         pending_size=64 * 1024 * 1024,
         flush_timeout=10,
     )
-    if settings.nats_creds:
-        opts["user_credentials"] = settings.nats_creds
+    creds = settings.creds_file
+    if creds is not None:
+        opts["user_credentials"] = str(creds)
+        identity = creds_identity(creds)
+        if identity is not None:  # its permissions allow replies under its own prefix only
+            opts["inbox_prefix"] = identity.inbox_prefix
     opts.update(options)
     try:
         # nats-py keeps trying unreachable servers forever; the first connection is bounded
@@ -116,4 +124,11 @@ async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:
         holder.append(nc)
         return nc
     except Exception as e:  # nats raises several unrelated types for "cannot connect"
-        raise Unavailable(f"cannot connect to NATS at {settings.nats_url}: {e!r}") from e
+        hint = ""
+        if before_connected and not isinstance(before_connected[-1], type(e)):
+            hint = f" ({before_connected[-1]})"
+        if any("authorization violation" in str(x).lower() for x in (e, *before_connected)):
+            hint = " (nats-server: Authorization Violation: " + (
+                f"it refused the credentials in {creds})" if creds else
+                "it wants credentials: set MNEMOS_NATS_CREDS, or MNEMOS_DATA_DIR to the data directory of `mnemos up`)")
+        raise Unavailable(f"cannot connect to NATS at {settings.nats_url}: {e!r}{hint}") from e

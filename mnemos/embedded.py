@@ -67,6 +67,9 @@ class EmbeddedNats:
     log_file: Path | None = None
     #: Serve nats-server's monitoring endpoints (``/varz``, ``/connz``) on this loopback port.
     http_port: int | None = None
+    #: A config file to include (``mnemos.auth.AuthDir.server_conf``: operator mode, every
+    #: connection authenticated).
+    include: Path | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
@@ -84,6 +87,10 @@ class EmbeddedNats:
         ]
         if self.http_port is not None:
             lines.append(f'http: "127.0.0.1:{self.http_port}"')
+        if self.include is not None:
+            # nats-server reads an include relative to the including file.
+            rel = os.path.relpath(self.include.resolve(), self.store_dir.resolve())
+            lines.append(f'include "{rel}"')
         if self.cluster_name and self.cluster_port:
             routes = ", ".join(f'"nats-route://127.0.0.1:{p}"' for p in self.routes)
             lines += [

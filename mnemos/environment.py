@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-__all__ = ["child_env", "passthrough_names"]
+__all__ = ["child_env", "passthrough_names", "role_creds_variable", "CREDS_VARIABLE"]
 
 #: Settings every role reads: where NATS is, the namespace, replicas, logging.
 _SHARED_SETTINGS = ("MNEMOS_NATS_", "MNEMOS_NAMESPACE", "MNEMOS_REPLICAS", "MNEMOS_LOG_")
@@ -36,12 +36,29 @@ def child_env(role: str, environ: Mapping[str, str], passthrough: tuple[str, ...
     """The environment ``mnemos up`` gives a child of ``role``: the process basics, the
     shared settings and that role's own settings, plus the variables named in
     ``passthrough`` (``MNEMOS_UP_PASS_ENV``, for workers and the autoscaler that starts
-    them). A worker runs user code, so it must never see the gateway's API keys or anything else it does not need."""
+    them). A worker runs user code, so it must never see the gateway's API keys or anything else it does not need.
+
+    Credentials: a role's own file (``MNEMOS_WORKER_NATS_CREDS`` for a worker, and so on)
+    becomes its ``MNEMOS_NATS_CREDS``; without one it keeps the caller's."""
     allowed = _PROCESS_ENV + _SHARED_SETTINGS + _ROLE_SETTINGS[role]
-    return {
+    env = {
         k: v for k, v in environ.items()
         if k.startswith(allowed) or (role in ("worker", "autoscaler") and k in passthrough)
     }
+    own = environ.get(role_creds_variable(role))
+    if own:
+        env[CREDS_VARIABLE] = own
+    return env
+
+
+#: The variable every role reads its NATS credentials file from.
+CREDS_VARIABLE = "MNEMOS_NATS_CREDS"
+
+
+def role_creds_variable(role: str) -> str:
+    """Where whoever starts a ``role`` process finds the credentials to give it
+    (``MNEMOS_WORKER_NATS_CREDS``): inside the role's own settings prefix."""
+    return _ROLE_SETTINGS[role][0] + "NATS_CREDS"
 
 
 def passthrough_names(environ: Mapping[str, str]) -> tuple[str, ...]:

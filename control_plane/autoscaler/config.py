@@ -4,14 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["AutoscalerSettings"]
 
 
 class AutoscalerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="MNEMOS_AUTOSCALER_", extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="MNEMOS_AUTOSCALER_", extra="ignore", frozen=True,
+                                      populate_by_name=True)
+
+    #: The NATS credentials the workers it starts get (``MNEMOS_WORKER_NATS_CREDS``, as
+    #: ``mnemos up`` names each role's file); unset: the autoscaler's own.
+    worker_nats_creds: str | None = Field(
+        default=None, validation_alias=AliasChoices("MNEMOS_WORKER_NATS_CREDS", "worker_nats_creds"))
 
     #: This instance's name in the lease and in each pool's status (default: host + pid).
     instance_id: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,64}$")

@@ -47,6 +47,7 @@ from control_plane.autoscaler.providers import Provider, ProviderError, WorkerLa
 from control_plane.autoscaler.providers.base import ProviderView
 from mnemos.config import NatsSettings
 from mnemos.connection import patiently
+from mnemos.environment import CREDS_VARIABLE
 from mnemos.kvscan import mirror
 from mnemos.layout import Layout, ensure_layout
 from mnemos.messages import (
@@ -82,9 +83,10 @@ class _LeaseLost(Exception):
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def worker_launch_env(pool: PoolSpec, nats: NatsSettings) -> dict[str, str]:
+def worker_launch_env(pool: PoolSpec, nats: NatsSettings, worker_creds: str | None = None) -> dict[str, str]:
     """The settings a worker of ``pool`` is started with (the ``local`` provider's process
-    environment; the ``aws`` boot script sets the same from the launch template)."""
+    environment; the ``aws`` boot script sets the same from the launch template): the
+    workers' own credentials (``worker_creds``), else the autoscaler's."""
     env = {
         "MNEMOS_NATS_URL": nats.nats_url,
         "MNEMOS_NAMESPACE": nats.namespace,
@@ -95,8 +97,9 @@ def worker_launch_env(pool: PoolSpec, nats: NatsSettings) -> dict[str, str]:
         # its record's tags).
         "MNEMOS_WORKER_METRICS_PORT": "0",
     }
-    if nats.nats_creds:
-        env["MNEMOS_NATS_CREDS"] = nats.nats_creds
+    creds = worker_creds or nats.nats_creds
+    if creds:
+        env[CREDS_VARIABLE] = creds
     return env
 
 
@@ -516,7 +519,8 @@ class Autoscaler:
         asked_at, began = utcnow(), time.perf_counter()
         self._guard()
         try:
-            ids = await provider.start(WorkerLaunch(pool=pool, env=worker_launch_env(pool, self.nats_settings)), count)
+            ids = await provider.start(WorkerLaunch(
+                pool=pool, env=worker_launch_env(pool, self.nats_settings, self.settings.worker_nats_creds)), count)
         except ProviderError as e:
             self._decide(state, "scale_up", reason, asked=asked, outcome=f"failed: {e}")
             return

@@ -156,7 +156,7 @@ variable "iam_permissions_boundary_arn" {
 # ---------------------------------------------------------------------------- nats-server
 
 variable "auth_config_secret_arn" {
-  description = "ARN of the Secrets Manager secret whose SecretString is the nats-server authorization configuration included by every server (e.g. `nsc generate config --mem-resolver --sys-account SYS`: operator, system_account, resolver, resolver_preload), so that clients connect with credentials files (MNEMOS_NATS_CREDS). Read at every server start."
+  description = "ARN of the Secrets Manager secret whose SecretString is the nats-server authorization configuration included by every server (the `server.conf` that `mnemos auth init DIR` writes, or `nsc generate config --mem-resolver --sys-account SYS`: operator, system_account, resolver, resolver_preload, max_control_line), so that clients connect with credentials files (MNEMOS_NATS_CREDS). Read at every server start."
   type        = string
 }
 
