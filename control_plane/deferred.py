@@ -29,7 +29,7 @@ from mnemos.connection import unavailable_from
 from mnemos.errors import Conflict, MnemosError
 from mnemos.jobstore import JobStore
 from mnemos.messages import JobRecord
-from mnemos.tasks import Supervisor
+from mnemos.tasks import Supervisor, next_round
 
 __all__ = ["DeferredRecords"]
 
@@ -103,7 +103,7 @@ class DeferredRecords:
                     await self._write(d.record)
             # One round of CONSUMER.INFO per consumer at most every _ROUND_S, however many
             # jobs arrive (due jobs wait up to that much longer).
-            await asyncio.sleep(_ROUND_S)
+            await next_round(_ROUND_S)
 
     async def _delivered(self, consumer: str) -> int:
         """The consumer's last delivered stream sequence (0 if unknown: then write)."""

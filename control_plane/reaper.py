@@ -43,7 +43,7 @@ from mnemos.jobstore import JobStore
 from mnemos.lifecycle import confirm_cancel, expire_attempt, expire_in_queue, lose_attempt
 from mnemos.messages import JobRecord, WorkerRecord, decode, utcnow
 from mnemos.names import Names
-from mnemos.tasks import Supervisor
+from mnemos.tasks import Supervisor, next_round
 
 __all__ = ["Reaper", "ReaperTimings", "JobActions"]
 
@@ -233,7 +233,7 @@ class Reaper:
         ticks_per_sweep = round(_SWEEP_S / _TICK_S)
         tick = 0
         while True:
-            await asyncio.sleep(_TICK_S)
+            await next_round(_TICK_S)
             tick += 1
             self.sweep(held=tick % ticks_per_sweep == 0)
 

@@ -187,17 +187,26 @@ def cli(ctx: click.Context, nats_url: str | None, namespace: str | None, creds: 
 @click.option("--auth/--no-auth", default=True, show_default=True,
               help="NATS users per role with least permissions, credentials in DATA_DIR/auth "
                    "(--no-auth: an open server).")
+@click.option("--tls-cert", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="Serve NATS over TLS with this certificate (PEM).")
+@click.option("--tls-key", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="The certificate's private key (PEM).")
+@click.option("--tls-ca", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
+              help="The CA that signed the certificate (default: the certificate itself, self-signed).")
 @click.pass_obj
 def up(obj: _Ctx, data_dir: Path, port: int, workers: int, max_workers: int, slots: int, gateway_port: int,
-       auth: bool) -> None:
+       auth: bool, tls_cert: Path | None, tls_key: Path | None, tls_ca: Path | None) -> None:
     """Run everything locally: embedded NATS, control plane, the autoscaler with local
     workers, the demo model, the HTTP gateway."""
     from launchers.up import UpOptions, run_up
 
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
     _setup_logging()
     sys.exit(run_up(UpOptions(data_dir=data_dir, port=port, workers=workers, worker_slots=slots,
                               namespace=obj.settings.namespace, gateway_port=gateway_port, autoscale=True,
-                              max_workers=max_workers, auth=auth)))
+                              max_workers=max_workers, auth=auth, tls_cert=tls_cert, tls_key=tls_key,
+                              tls_ca=tls_ca)))
 
 
 @cli.command("control-plane")

@@ -57,6 +57,12 @@ class UpOptions:
     #: Run NATS in operator mode with a user per role (``mnemos.permissions``) and no
     #: anonymous access; off: an open server (``mnemos up --no-auth``).
     auth: bool = True
+    #: Serve NATS over TLS with this certificate and key (``--tls-cert``/``--tls-key``);
+    #: every process verifies it against ``tls_ca`` (default: the certificate itself,
+    #: for a self-signed one).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
 
 
 @dataclass
@@ -241,7 +247,9 @@ class LocalStack:
         self.auth = AuthDir(self.data_dir / "auth") if options.auth else None
         self.nats = EmbeddedNats(store_dir=self.data_dir / "nats", host=options.host, port=options.port,
                                  log_file=self.logs / "nats-server.log",
-                                 include=self.auth.server_conf if self.auth else None)
+                                 include=self.auth.server_conf if self.auth else None,
+                                 tls_cert=options.tls_cert, tls_key=options.tls_key)
+        self.tls_ca = (options.tls_ca or options.tls_cert) if options.tls_cert else None
         env = {k: v for k, v in os.environ.items() if k != CREDS_VARIABLE}
         env.update({
             "MNEMOS_NATS_URL": self.nats.url,
@@ -250,6 +258,8 @@ class LocalStack:
             "MNEMOS_WORKER_MAX_CONCURRENT_JOBS": str(options.worker_slots),
             "PYTHONUNBUFFERED": "1",
         })
+        if self.tls_ca is not None:
+            env["MNEMOS_NATS_TLS_CA"] = str(Path(self.tls_ca).resolve())
         if self.auth is not None:
             env.update({role_creds_variable(role): str(self.auth.creds_path(role)) for role in _CHILD_ROLES})
         self.settings = self.settings_as(LOCAL_USER)
@@ -286,7 +296,8 @@ class LocalStack:
     def settings_as(self, user: str) -> NatsSettings:
         """How ``user`` (a role, ``operator``, ``deploy``) reaches this stack's NATS."""
         creds = str(self.auth.creds_path(user)) if self.auth is not None else None
-        return NatsSettings(nats_url=self.nats.url, namespace=self.options.namespace, nats_creds=creds)
+        return NatsSettings(nats_url=self.nats.url, namespace=self.options.namespace, nats_creds=creds,
+                            nats_tls_ca=str(Path(self.tls_ca).resolve()) if self.tls_ca else None)
 
     def start(self) -> None:
         """Start NATS, register the demo models, start the children, wait until a worker is up."""

@@ -110,6 +110,9 @@ async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:
         pending_size=64 * 1024 * 1024,
         flush_timeout=10,
     )
+    tls = settings.tls_context()
+    if tls is not None:
+        opts["tls"] = tls
     creds = settings.creds_file
     if creds is not None:
         opts["user_credentials"] = str(creds)

@@ -70,11 +70,16 @@ class EmbeddedNats:
     #: A config file to include (``mnemos.auth.AuthDir.server_conf``: operator mode, every
     #: connection authenticated).
     include: Path | None = None
+    #: Serve TLS (every client connection) with this certificate and key; with
+    #: ``tls_verify_ca``, also require client certificates signed by that CA.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_verify_ca: Path | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls_cert else 'nats'}://{self.host}:{self.port}"
 
     def config_text(self) -> str:
         lines = [
@@ -87,6 +92,12 @@ class EmbeddedNats:
         ]
         if self.http_port is not None:
             lines.append(f'http: "127.0.0.1:{self.http_port}"')
+        if self.tls_cert is not None:
+            lines += ["tls {", f'  cert_file: "{self.tls_cert.resolve()}"',
+                      f'  key_file: "{self.tls_key_file.resolve()}"']
+            if self.tls_verify_ca is not None:
+                lines += [f'  ca_file: "{self.tls_verify_ca.resolve()}"', "  verify: true"]
+            lines.append("}")
         if self.include is not None:
             # nats-server reads an include relative to the including file.
             rel = os.path.relpath(self.include.resolve(), self.store_dir.resolve())
@@ -101,6 +112,12 @@ class EmbeddedNats:
                 "}",
             ]
         return "\n".join(lines) + "\n"
+
+    @property
+    def tls_key_file(self) -> Path:
+        if self.tls_key is None:
+            raise ValueError("tls_cert needs tls_key")
+        return self.tls_key
 
     def start(self) -> None:
         """Start the server and wait (up to 15 s) until it accepts connections."""

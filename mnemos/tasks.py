@@ -17,9 +17,25 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-__all__ = ["cancel_and_wait", "Supervisor", "BackgroundTaskDied", "until_stopped_or_failed"]
+__all__ = ["cancel_and_wait", "Supervisor", "BackgroundTaskDied", "until_stopped_or_failed", "next_round"]
 
 log = logging.getLogger("mnemos.tasks")
+
+
+async def next_round(seconds: float) -> None:
+    """The pause between two rounds of a periodic loop: ``asyncio.sleep``, but first it
+    ends the loop if the task was cancelled and the cancellation got lost.
+
+    Python 3.11's ``asyncio.wait_for`` (under nats-py's requests and JetStream publishes)
+    drops a cancellation that arrives just as its inner future completes (CPython
+    gh-86296, fixed in 3.12); the task's ``cancelling()`` count still says it was asked to
+    stop. Without this check a loop that lost its cancellation goes on: a stopped worker's
+    heartbeat kept writing its record after it had deregistered.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+    await asyncio.sleep(seconds)
 
 
 class BackgroundTaskDied(RuntimeError):

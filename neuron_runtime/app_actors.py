@@ -45,6 +45,7 @@ from mnemos.connection import connect
 from mnemos.errors import ErrorInfo, MnemosError, UnknownFunction, ValidationFailed
 from mnemos.messages import ActorCall, ActorReply, ActorState, encode, utcnow
 from mnemos.names import HDR_PING
+from mnemos.tasks import next_round
 from neuron_runtime.app_protocol import Activate, Deactivated
 
 __all__ = ["ActorHost"]
@@ -153,7 +154,7 @@ class _Activation:
         while True:
             await self.dirty.wait()
             if interval:
-                await asyncio.sleep(interval)
+                await next_round(interval)
             self.dirty.clear()
             try:
                 written = await self.write()

@@ -50,7 +50,7 @@ from mnemos.messages import (
     utcnow,
 )
 from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
-from mnemos.tasks import Supervisor
+from mnemos.tasks import Supervisor, next_round
 from neuron_runtime.actors import ActorPlacement
 from neuron_runtime.affinity import Affinity
 from neuron_runtime.cache import DiskCache
@@ -451,7 +451,7 @@ class Worker:
     @staticmethod
     async def _every(interval: float, fn: Callable[[], Awaitable[None]]) -> None:
         while True:
-            await asyncio.sleep(interval)
+            await next_round(interval)
             await fn()
 
     # ------------------------------------------------------------------ pulling

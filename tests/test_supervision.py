@@ -279,3 +279,32 @@ async def test_a_worker_whose_loop_dies_publishes_error_and_exits_non_zero(
     record = decode((await layout.workers.get(worker_id)).value or b"", WorkerRecord)  # it expires in 15 s
     assert record.status == "error"
     assert record.error is not None and "in-progress" in record.error and "in-progress touch failed" in record.error
+
+
+async def test_a_loop_ends_even_when_wait_for_swallowed_its_cancellation() -> None:
+    """Python 3.11's ``asyncio.wait_for`` returns the result instead of raising when the
+    cancellation arrives as the awaited future completes (CPython gh-86296); a periodic
+    loop pausing with ``mnemos.tasks.next_round`` still ends at its next pause, where one pausing
+    with ``asyncio.sleep`` would go on (a stopped worker's heartbeat did)."""
+    from mnemos.tasks import cancel_and_wait, next_round
+
+    loop = asyncio.get_running_loop()
+    rounds = 0
+    waiting: asyncio.Future[None] = loop.create_future()
+    answer: asyncio.Future[int] = loop.create_future()
+
+    async def heartbeat() -> None:
+        nonlocal rounds
+        while True:
+            if rounds == 0:
+                waiting.set_result(None)
+                await asyncio.wait_for(answer, timeout=30)  # a JetStream publish's ack
+            rounds += 1
+            await next_round(0.01)
+
+    task = asyncio.create_task(heartbeat())
+    await waiting
+    answer.set_result(1)  # the ack arrives ...
+    task.cancel()  # ... as the loop is stopped
+    await cancel_and_wait(task, timeout=5)
+    assert task.cancelled() and rounds <= 1

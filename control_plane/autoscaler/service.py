@@ -65,7 +65,7 @@ from mnemos.messages import (
 from mnemos.metrics import METRICS_DISABLED, MetricsServer, serve_metrics
 from mnemos.names import Names
 from mnemos.pools import pool_for
-from mnemos.tasks import Supervisor
+from mnemos.tasks import Supervisor, next_round
 
 __all__ = ["Autoscaler", "worker_launch_env"]
 
@@ -233,7 +233,7 @@ class Autoscaler:
         """Renew (or try to take) the lease on its own clock, whatever a round is doing."""
         while True:
             await self.lease.tick()
-            await asyncio.sleep(self.settings.lease_renew_s)
+            await next_round(self.settings.lease_renew_s)
 
     def _guard(self) -> None:
         """Before anything that changes the world: still the leader?"""
@@ -276,7 +276,7 @@ class Autoscaler:
                     log.exception("autoscaler round failed: %r", e)
                 self.metrics.tick_seconds.observe(time.perf_counter() - started)
                 self.ticks += 1
-            await asyncio.sleep(self.settings.tick_s)
+            await next_round(self.settings.tick_s)
 
     async def _take_over(self) -> None:
         """Became the leader: read back every pool's status (its workers, its window)."""
