@@ -292,6 +292,11 @@ class JobIndex:
                 return out, job_id
         return out, None
 
+    def count(self, tenant: str | None, status: str) -> int:
+        """How many jobs of ``tenant`` (None: every tenant) are in ``status`` now."""
+        lst = self._lists.get((tenant, status))
+        return 0 if lst is None else len(lst)
+
     def held_by(self, worker_id: str) -> list[IndexEntry]:
         """The jobs ``worker_id`` holds now (claimed, not ended), however recently claimed."""
         return [self.entries[j] for j in self._by_worker.get(worker_id, ())]

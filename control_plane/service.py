@@ -33,6 +33,7 @@ from control_plane.deferred import DeferredRecords
 from control_plane.index import JobIndex
 from control_plane.metrics import OK, ControlPlaneMetrics
 from control_plane.pools import PoolDirectory
+from control_plane.quotas import TenantQuotas
 from control_plane.reaper import JobActions, Reaper, ReaperTimings
 from mnemos.catalog import ModelCatalog
 from mnemos.config import NatsSettings
@@ -51,6 +52,10 @@ from mnemos.endpoints import (
     POOLS_GET,
     POOLS_LIST,
     POOLS_SET,
+    TENANTS_DELETE,
+    TENANTS_GET,
+    TENANTS_LIST,
+    TENANTS_SET,
     APPS_DEPLOY,
     ACTORS_LIST,
     APPS_GET,
@@ -67,6 +72,7 @@ from mnemos.errors import (
     MnemosError,
     ModelNotFound,
     PayloadTooLarge,
+    TenantNotFound,
     Unavailable,
     UnknownModel,
     UnknownRuntime,
@@ -103,6 +109,11 @@ from mnemos.messages import (
     RemovePool,
     RetryJob,
     SetPool,
+    GetTenant,
+    ListTenants,
+    RemoveTenant,
+    SetTenant,
+    TenantList,
     Waiting,
     WaitReason,
     WorkerList,
@@ -153,6 +164,7 @@ class ControlPlane:
         self.index: JobIndex | None = None
         self.depth: QueueDepth | None = None
         self.pools: PoolDirectory | None = None
+        self.quotas: TenantQuotas | None = None
         self.apps: AppDirectory | None = None
         self.metrics = ControlPlaneMetrics()
         self.metrics_server: MetricsServer | None = None
@@ -201,6 +213,8 @@ class ControlPlane:
         self.index = JobIndex(self.layout.jobs)
         await patiently(self.index.open, "open the job index")
         self.supervisor.spawn("job-index", self.index.follow())
+        self.quotas = TenantQuotas(self.layout.tenants, self.index)
+        await self.quotas.start(self.supervisor)
         self.reaper = Reaper(
             self.nc, self.names, self.layout.workers, self.jobs, self.index,
             JobActions(requeue=self._dispatch_once, redispatch=self._redispatch, message_exists=self._queues,
@@ -228,6 +242,10 @@ class ControlPlane:
             POOLS_GET: self._pools_get,
             POOLS_SET: self._pools_set,
             POOLS_DELETE: self._pools_delete,
+            TENANTS_LIST: self._tenants_list,
+            TENANTS_GET: self._tenants_get,
+            TENANTS_SET: self._tenants_set,
+            TENANTS_DELETE: self._tenants_delete,
             APPS_LIST: self._apps_list,
             APPS_GET: self._apps_get,
             APPS_DEPLOY: self._apps_deploy,
@@ -444,6 +462,8 @@ class ControlPlane:
         record = await self._new_record(spec, catalog, reply_to, tenant)
         if self.depth is not None:
             self.depth.check(record.runtime)
+        if self.quotas is not None:
+            self.quotas.check(tenant)
         claimed_key = False
         if spec.idempotency_key is not None:
             existing, existing_id = await self._claim_idempotency_key(
@@ -743,6 +763,38 @@ class ControlPlane:
         body = decode(req.data, RemovePool)
         await self._respond(req, await self._pool_directory(req, change=True).delete(body.name))
 
+    # ------------------------------------------------------------------ tenants
+
+    def _tenant_quotas(self, req: Request, *, change: bool, tenant: str | None = None) -> TenantQuotas:
+        if self.quotas is None:
+            raise Unavailable("control plane is not started")
+        caller = _tenant(req)
+        if change and caller is not None:
+            raise Forbidden("quotas are the operator's: a tenant's request cannot change them")
+        if caller is not None and tenant is not None and tenant != caller:
+            raise TenantNotFound(f"no quota for tenant {tenant!r}")  # another tenant's: not there for it
+        return self.quotas
+
+    async def _tenants_list(self, req: Request) -> None:
+        decode(req.data or b"{}", ListTenants)
+        listed = self._tenant_quotas(req, change=False).list()
+        caller = _tenant(req)
+        if caller is not None:
+            listed = TenantList(tenants=[t for t in listed.tenants if t.quota.tenant == caller])
+        await self._respond(req, listed)
+
+    async def _tenants_get(self, req: Request) -> None:
+        q = decode(req.data, GetTenant)
+        await self._respond(req, await self._tenant_quotas(req, change=False, tenant=q.tenant).get(q.tenant))
+
+    async def _tenants_set(self, req: Request) -> None:
+        body = decode(req.data, SetTenant)
+        await self._respond(req, await self._tenant_quotas(req, change=True).set(body.quota))
+
+    async def _tenants_delete(self, req: Request) -> None:
+        body = decode(req.data, RemoveTenant)
+        await self._respond(req, await self._tenant_quotas(req, change=True).delete(body.tenant))
+
     # ------------------------------------------------------------------ apps
 
     def _app_directory(self, req: Request, *, change: bool) -> AppDirectory:
@@ -806,6 +858,8 @@ class ControlPlane:
             return rec
 
         before = _visible((await jobs.get(body.job_id))[0], tenant)
+        if self.quotas is not None:
+            self.quotas.check(tenant)
         record, revision = await jobs.mutate(body.job_id, change)
         try:
             await self._dispatch(record, revision)

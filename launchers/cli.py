@@ -104,6 +104,8 @@ EXIT_BY_CODE: dict[str, int] = {
     "invalid_state": EXIT_CONFLICT,
     "not_cancellable": EXIT_CONFLICT,
     "queue_full": EXIT_QUEUE_FULL,
+    "quota_exceeded": EXIT_QUEUE_FULL,
+    "tenant_not_found": EXIT_NOT_FOUND,
     "pool_not_found": EXIT_NOT_FOUND,
     "app_not_found": EXIT_NOT_FOUND,
     "forbidden": EXIT_INVALID,
@@ -692,7 +694,7 @@ def pools_set(obj: _Ctx, name: str, runtimes: tuple[str, ...], models_: tuple[st
               target_concurrency: int | None, buffer_workers: int, scaledown_window: float, start_timeout: float,
               description: str) -> None:
     """Create or replace a pool (the acting autoscaler follows within a tick)."""
-    from mnemos.messages import PoolSpec, SetPool, decode
+    from mnemos.messages import PoolSpec, SetPool
 
     provider_settings: dict[str, Any] = {}
     for pair in settings_:
@@ -705,16 +707,28 @@ def pools_set(obj: _Ctx, name: str, runtimes: tuple[str, ...], models_: tuple[st
                      "max_workers": max_workers, "worker_slots": slots, "target_concurrency": target_concurrency,
                      "buffer_workers": buffer_workers, "scaledown_window_s": scaledown_window,
                      "start_timeout_s": start_timeout, "description": description}}
+    spec: PoolSpec = _decoded(body, SetPool).pool
+    view = _client_call(obj, lambda c: c.set_pool(spec))
+    _done(obj, view, f"pool {view.spec.name} set (revision {view.revision})")
+
+
+def _decoded(body: dict[str, Any], kind: type[T]) -> T:
+    """``body`` (built from options) as the request ``kind``; an invalid one exits 4 with its error."""
+    from mnemos.messages import decode
+
     try:
-        spec: PoolSpec = decode(json.dumps(body), SetPool).pool
+        return decode(json.dumps(body), kind)
     except MnemosError as e:
         err_console.print(f"[red]error[/red] [bold]{e.code}[/bold]: {e.message}")
         sys.exit(_exit_code(e))
-    view = _client_call(obj, lambda c: c.set_pool(spec))
+
+
+def _done(obj: _Ctx, reply: Any, said: str) -> None:
+    """A change's reply: as JSON (``-o json``), else one line saying what was done."""
     if obj.output == "json":
-        click.echo(encode(view).decode())
+        click.echo(encode(reply).decode())
     else:
-        console.print(f"pool {view.spec.name} set (revision {view.revision})")
+        console.print(said)
 
 
 @pools.command("rm")
@@ -723,10 +737,7 @@ def pools_set(obj: _Ctx, name: str, runtimes: tuple[str, ...], models_: tuple[st
 def pools_rm(obj: _Ctx, name: str) -> None:
     """Remove a pool: the autoscaler drains its workers (idle ones at once, busy ones after their jobs)."""
     view = _client_call(obj, lambda c: c.delete_pool(name))
-    if obj.output == "json":
-        click.echo(encode(view).decode())
-    else:
-        console.print(f"pool {view.spec.name} removed; its workers drain")
+    _done(obj, view, f"pool {view.spec.name} removed; its workers drain")
 
 
 # ------------------------------------------------------------------ apps
@@ -951,6 +962,75 @@ def models_push(obj: _Ctx, model_dir: Path, family: str, version: str, runtime: 
     else:
         console.print(f"registered [bold]{record.name}[/bold] ({record.runtime}, {len(record.files)} files, "
                       f"{_human(record.total_size)}) in {record.artifact.store}://{record.artifact.bucket}")
+
+
+# ---------------------------------------------------------------------------- tenants
+
+
+@cli.group()
+def tenants() -> None:
+    """Tenants' quotas: queued and running jobs, submissions per second (the operator's)."""
+
+
+def _tenant_table(obj: _Ctx, views: list[Any]) -> None:
+    """Tenants' quotas: JSON (``-o json``), or a row each: use against bounds, the rate."""
+    if obj.output == "json":
+        click.echo(encode(views).decode())
+        return
+    t = _table("tenant", "queued", "running", "rate", box=_simple_head())
+    for view in views:
+        q = view.quota
+        rate = "-" if q.submit_rate is None else f"{q.submit_rate:g}/s (burst {q.submit_burst or '-'})"
+        t.add_row(q.tenant, f"{view.queued}/{'-' if q.max_queued is None else q.max_queued}",
+                  f"{view.running}/{'-' if q.max_running is None else q.max_running}", rate)
+    console.print(t)
+
+
+@tenants.command("ls")
+@click.pass_obj
+def tenants_ls(obj: _Ctx) -> None:
+    """Every tenant with a quota: queued and running jobs against their bounds, its rate."""
+    _tenant_table(obj, _client_call(obj, lambda c: c.tenant_quotas()))
+
+
+@tenants.command("get")
+@click.argument("tenant")
+@click.pass_obj
+def tenants_get(obj: _Ctx, tenant: str) -> None:
+    """A tenant's quota and its use now."""
+    view = _client_call(obj, lambda c: c.tenant_quota(tenant))
+    if obj.output == "json":
+        click.echo(encode(view).decode())
+    else:
+        _tenant_table(obj, [view])
+
+
+@tenants.command("set")
+@click.argument("tenant")
+@click.option("--max-queued", type=int, default=None, help="Jobs waiting in the queue at once.")
+@click.option("--max-running", type=int, default=None, help="Jobs running at once (beyond: submissions refused).")
+@click.option("--rate", "submit_rate", type=float, default=None, help="Submissions per second.")
+@click.option("--burst", "submit_burst", type=int, default=None, help="Submissions at once (default: the rate).")
+@click.pass_obj
+def tenants_set(obj: _Ctx, tenant: str, max_queued: int | None, max_running: int | None,
+                submit_rate: float | None, submit_burst: int | None) -> None:
+    """Set a tenant's quota (unset bounds: none); refused submissions get quota_exceeded."""
+    from mnemos.messages import SetTenant
+
+    body = {"quota": {"type": "io.mnemos.v1.tenant_quota", "tenant": tenant, "max_queued": max_queued,
+                      "max_running": max_running, "submit_rate": submit_rate, "submit_burst": submit_burst}}
+    quota = _decoded(body, SetTenant).quota
+    view = _client_call(obj, lambda c: c.set_tenant_quota(quota))
+    _done(obj, view, f"tenant {view.quota.tenant}: quota set")
+
+
+@tenants.command("rm")
+@click.argument("tenant")
+@click.pass_obj
+def tenants_rm(obj: _Ctx, tenant: str) -> None:
+    """Remove a tenant's quota (no bounds any more)."""
+    view = _client_call(obj, lambda c: c.delete_tenant_quota(tenant))
+    _done(obj, view, f"tenant {view.quota.tenant}: quota removed")
 
 
 # ---------------------------------------------------------------------------- auth

@@ -44,6 +44,10 @@ from mnemos.endpoints import (
     POOLS_GET,
     POOLS_LIST,
     POOLS_SET,
+    TENANTS_DELETE,
+    TENANTS_GET,
+    TENANTS_LIST,
+    TENANTS_SET,
     WORKERS_LIST,
     Endpoint,
 )
@@ -78,6 +82,12 @@ from mnemos.messages import (
     PoolView,
     RemovePool,
     SetPool,
+    GetTenant,
+    ListTenants,
+    RemoveTenant,
+    SetTenant,
+    TenantQuota,
+    TenantView,
     ResultFinal,
     ResultMessage,
     decode_result,
@@ -542,6 +552,24 @@ class Client:
     async def delete_pool(self, name: str) -> PoolView:
         """Remove a pool; the autoscaler drains its workers. The pool as it was."""
         return await self._call(POOLS_DELETE, RemovePool(name=name))
+
+    # ------------------------------------------------------------------ tenants
+
+    async def tenant_quotas(self) -> builtins.list[TenantView]:
+        """Every tenant's quota and use (a tenant's client: its own)."""
+        return (await self._call(TENANTS_LIST, ListTenants())).tenants
+
+    async def tenant_quota(self, tenant: str) -> TenantView:
+        """One tenant's quota and use now (``tenant_not_found`` when it has none)."""
+        return await self._call(TENANTS_GET, GetTenant(tenant=tenant))
+
+    async def set_tenant_quota(self, quota: TenantQuota) -> TenantView:
+        """Set a tenant's quota (the operator's); every control plane applies it at once."""
+        return await self._call(TENANTS_SET, SetTenant(quota=quota))
+
+    async def delete_tenant_quota(self, tenant: str) -> TenantView:
+        """Remove a tenant's quota; the quota as it was."""
+        return await self._call(TENANTS_DELETE, RemoveTenant(tenant=tenant))
 
 
     # ------------------------------------------------------------------ apps

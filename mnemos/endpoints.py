@@ -42,6 +42,12 @@ from mnemos.messages import (
     RemovePool,
     RetryJob,
     SetPool,
+    GetTenant,
+    ListTenants,
+    RemoveTenant,
+    SetTenant,
+    TenantList,
+    TenantView,
     WorkerList,
 )
 from mnemos.names import Names
@@ -63,6 +69,10 @@ __all__ = [
     "POOLS_GET",
     "POOLS_SET",
     "POOLS_DELETE",
+    "TENANTS_LIST",
+    "TENANTS_GET",
+    "TENANTS_SET",
+    "TENANTS_DELETE",
     "APPS_LIST",
     "APPS_GET",
     "APPS_DEPLOY",
@@ -126,14 +136,20 @@ APPS_LIST = Endpoint("apps.list", ListApps, AppList, "The deployed apps.", body_
 APPS_GET = Endpoint("apps.get", GetApp, AppRecord, "A deployed app: its live version and definitions.")
 APPS_DEPLOY = Endpoint("apps.deploy", DeployApp, AppDeployed,
                        "Make a registered app version live and size its pool (a no-op if it already is).")
+TENANTS_LIST = Endpoint("tenants.list", ListTenants, TenantList,
+                        "The tenants' quotas with their use (a tenant sees its own).", body_optional=True)
+TENANTS_GET = Endpoint("tenants.get", GetTenant, TenantView, "One tenant's quota and use (a tenant: its own).")
+TENANTS_SET = Endpoint("tenants.set", SetTenant, TenantView, "Set a tenant's quota (the operator's).")
+TENANTS_DELETE = Endpoint("tenants.delete", RemoveTenant, TenantView,
+                          "Remove a tenant's quota (no bound any more). The reply is the quota as it was.")
 ACTORS_LIST = Endpoint("actors.list", ListActors, ActorList,
                        "The live actor activations: key, host, calls, last call.", body_optional=True)
 
 #: Every endpoint, in the order docs/api.md lists them.
 ENDPOINTS: tuple[Endpoint[Any, Any], ...] = (
     JOBS_SUBMIT, JOBS_RUN, JOBS_START, JOBS_GET, JOBS_LIST, JOBS_CANCEL, JOBS_RETRY, WORKERS_LIST, MODELS_LIST,
-    MODELS_GET, POOLS_LIST, POOLS_GET, POOLS_SET, POOLS_DELETE, APPS_LIST, APPS_GET, APPS_DEPLOY,
-    ACTORS_LIST,
+    MODELS_GET, POOLS_LIST, POOLS_GET, POOLS_SET, POOLS_DELETE, TENANTS_LIST, TENANTS_GET, TENANTS_SET,
+    TENANTS_DELETE, APPS_LIST, APPS_GET, APPS_DEPLOY, ACTORS_LIST,
 )
 
 _BY_NAME: dict[str, Endpoint[Any, Any]] = {e.name: e for e in ENDPOINTS}

@@ -43,6 +43,8 @@ __all__ = [
     "NotCancellable",
     "Conflict",
     "QueueFull",
+    "QuotaExceeded",
+    "TenantNotFound",
     "Unavailable",
     "NotConnected",
     "JobTimeout",
@@ -206,6 +208,20 @@ class QueueFull(MnemosError):
     retryable_default = True
 
 
+class QuotaExceeded(MnemosError):
+    """A tenant's quota (``tenants.set``) refuses the submission now: queued or running
+    jobs at their bound, or submissions faster than its rate (``details.retry_after_s``)."""
+
+    code = "quota_exceeded"
+    status = 429
+    retryable_default = True
+
+
+class TenantNotFound(MnemosError, LookupError):
+    code = "tenant_not_found"
+    status = 404
+
+
 class Unavailable(MnemosError, ConnectionError):
     code = "unavailable"
     status = 503
@@ -289,6 +305,8 @@ ERROR_CLASSES: dict[str, type[MnemosError]] = {
         NotCancellable,
         Conflict,
         QueueFull,
+        QuotaExceeded,
+        TenantNotFound,
         Unavailable,
         NotConnected,
         JobTimeout,

@@ -51,6 +51,8 @@ class Layout:
     apps: KeyValue
     #: Actors' activations and checkpoints.
     actors: KeyValue
+    #: Tenants' quotas (``TenantQuota`` by tenant).
+    tenants: KeyValue
 
 
 async def _ensure_stream(js: JetStreamContext, config: jsapi.StreamConfig, update: bool) -> None:
@@ -229,7 +231,19 @@ async def ensure_layout(
                 direct=o.replicas == 1,
             ),
         ),
+        _ensure_kv(
+            js,
+            jsapi.KeyValueConfig(
+                bucket=names.tenants_bucket,
+                description="MNEMOS tenants' quotas (mnemos tenants set/rm)",
+                history=5,
+                storage=jsapi.StorageType.FILE,
+                replicas=o.replicas,
+                direct=o.replicas == 1,
+            ),
+        ),
     )
-    _, (jobs, workers, models, idempotency, pools, autoscaler, apps, actors) = await asyncio.gather(streams, buckets)
+    _, (jobs, workers, models, idempotency, pools, autoscaler, apps, actors, tenants) = await asyncio.gather(
+        streams, buckets)
     return Layout(names=names, jobs=jobs, workers=workers, models=models, idempotency=idempotency,
-                  pools=pools, autoscaler=autoscaler, apps=apps, actors=actors)
+                  pools=pools, autoscaler=autoscaler, apps=apps, actors=actors, tenants=tenants)

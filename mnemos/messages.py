@@ -75,6 +75,14 @@ __all__ = [
     "GetPool",
     "SetPool",
     "RemovePool",
+    "TenantName",
+    "TenantQuota",
+    "TenantView",
+    "TenantList",
+    "ListTenants",
+    "GetTenant",
+    "SetTenant",
+    "RemoveTenant",
     "LeaseRecord",
     "AppName",
     "AppMethod",
@@ -704,6 +712,55 @@ class SetPool(_Strict):
 
 class RemovePool(_Strict):
     name: PoolName
+
+
+#: A tenant's name as quotas key it (a KV key and a subject token).
+TenantName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+
+
+class TenantQuota(_Strict, tag="io.mnemos.v1.tenant_quota", tag_field="type"):
+    """What one tenant may have and do (``<ns>_tenants.<tenant>``); None: no bound."""
+
+    tenant: TenantName
+    #: Jobs waiting in the queue at once.
+    max_queued: NonNegInt | None = None
+    #: Jobs claimed and not ended at once (a submission beyond it is refused; queued jobs
+    #: are not held back).
+    max_running: NonNegInt | None = None
+    #: Submissions per second (a token bucket per control plane) ...
+    submit_rate: Annotated[float, Meta(gt=0, le=1e6)] | None = None
+    #: ... of this many tokens (default: the rate rounded up, at least 1).
+    submit_burst: PositiveInt | None = None
+    #: When it was set (written by the control plane).
+    updated_at: datetime | None = None
+
+
+class TenantView(_Strict, tag="io.mnemos.v1.tenant_view", tag_field="type"):
+    """A tenant's quota with its use now, as the control plane's job index counts it."""
+
+    quota: TenantQuota
+    queued: NonNegInt = 0
+    running: NonNegInt = 0
+
+
+class TenantList(_Strict, tag="io.mnemos.v1.tenant_list", tag_field="type"):
+    tenants: list[TenantView]
+
+
+class ListTenants(_Strict):
+    pass
+
+
+class GetTenant(_Strict):
+    tenant: TenantName
+
+
+class SetTenant(_Strict):
+    quota: TenantQuota
+
+
+class RemoveTenant(_Strict):
+    tenant: TenantName
 
 
 class LeaseRecord(_Strict, tag="io.mnemos.v1.lease", tag_field="type"):

@@ -117,6 +117,11 @@ class Names:
         return f"{self.prefix}_pools"
 
     @property
+    def tenants_bucket(self) -> str:
+        """Tenants' quotas: key ``<tenant>``, value a ``TenantQuota``."""
+        return f"{self.prefix}_tenants"
+
+    @property
     def apps_bucket(self) -> str:
         """Deployed apps: key ``<app name>``, value an ``AppRecord`` (its live version)."""
         return f"{self.prefix}_apps"

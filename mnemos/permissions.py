@@ -42,6 +42,7 @@ ROLES: tuple[str, ...] = ("control-plane", "autoscaler", "worker", "gateway", "s
 _SERVICE_ENDPOINTS = (
     "jobs.submit", "jobs.run", "jobs.start", "jobs.get", "jobs.list", "jobs.cancel", "jobs.retry",
     "models.list", "models.get", "apps.list", "apps.get", "actors.list", "workers.list", "pools.list", "pools.get",
+    "tenants.get", "tenants.list",
 )
 
 
@@ -49,7 +50,7 @@ def _js(names: Names) -> dict[str, str]:
     """The namespace's JetStream stream names by what they hold."""
     kv = {bucket: Names.kv_stream(bucket) for bucket in (
         names.jobs_bucket, names.workers_bucket, names.models_bucket, names.idempotency_bucket, names.pools_bucket,
-        names.apps_bucket, names.actors_bucket, names.autoscaler_bucket)}
+        names.apps_bucket, names.actors_bucket, names.autoscaler_bucket, names.tenants_bucket)}
     return {"dispatch": names.dispatch_stream, "results": names.results_stream,
             "artifacts": f"OBJ_{names.artifacts_bucket}", **kv}
 
@@ -89,7 +90,8 @@ def role_permissions(role: str, names: Names, user: str | None = None) -> Permis
         return Permissions(
             pub_allow=(f"{ns}.>", "$JS.API.>", f"$JS.ACK.{s['dispatch']}.>", "_INBOX.>", "$SRV.>",
                        *(kv(b, ">") for b in (names.jobs_bucket, names.idempotency_bucket, names.pools_bucket,
-                                              names.apps_bucket, names.actors_bucket, names.workers_bucket))),
+                                              names.apps_bucket, names.actors_bucket, names.workers_bucket,
+                                              names.tenants_bucket))),
             sub_allow=(f"{ns}.>", "$SRV.>", inbox),
         )
     if role == "autoscaler":

@@ -53,7 +53,7 @@ def test_the_doc_has_commands_for_every_route() -> None:
     urls = " ".join(parse_curl(c)[1] for c in curl_commands(DOC.read_text()))
     for path in ("/v1/jobs?", "/v1/jobs/<job_id>", "/retry", "/events", "/v1/completions", "/v1/chat/completions",
                  "/v1/models", "/v1/workers", "/v1/pools", "/v1/pools/batch", "/v1/apps", "/v1/apps/demo",
-                 "/v1/actors"):
+                 "/v1/actors", "/v1/tenants", "/v1/tenants/acme"):
         assert path in urls, path
 
 

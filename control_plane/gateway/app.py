@@ -19,7 +19,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from control_plane.gateway import apps, jobs, openai_api, pools
+from control_plane.gateway import apps, jobs, openai_api, pools, tenants
 from control_plane.gateway.auth import ApiKeys
 from control_plane.gateway.config import GatewaySettings
 from control_plane.gateway.deps import GatewayState, state_of
@@ -75,7 +75,8 @@ def create_app(
         openapi_tags=[
             {"name": "jobs", "description": "Submit, follow, cancel and retry jobs"},
             {"name": "openai", "description": "OpenAI-compatible completions"},
-            {"name": "models"}, {"name": "workers"}, {"name": "pools"}, {"name": "apps"}, {"name": "ops"},
+            {"name": "models"}, {"name": "workers"}, {"name": "pools"}, {"name": "tenants"}, {"name": "apps"},
+            {"name": "ops"},
         ],
     )
     app.state.gateway = state
@@ -83,6 +84,7 @@ def create_app(
     app.include_router(jobs.router)
     app.include_router(openai_api.router)
     app.include_router(pools.router)
+    app.include_router(tenants.router)
     app.include_router(apps.router)
     _ops_routes(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)

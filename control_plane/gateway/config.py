@@ -21,8 +21,8 @@ class GatewaySettings(BaseSettings):
     #: A JSON object ``{"<key>": "<tenant>", ...}`` (mode 0600 recommended).
     api_keys_file: Path | None = None
     #: Tenants (of API keys) that act as the operator: they may manage the autoscaler's
-    #: pools (``/v1/pools``). Comma-separated. Without API keys (loopback) every caller is
-    #: the operator.
+    #: pools (``/v1/pools``) and the tenants' quotas (``/v1/tenants``). Comma-separated.
+    #: Without API keys (loopback) every caller is the operator.
     operator_tenants: str = ""
     #: Largest request body accepted; bigger ones get 413 ``payload_too_large``.
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
