@@ -79,6 +79,7 @@ from mnemos.errors import (
     ValidationFailed,
 )
 from mnemos import lifecycle
+from mnemos.bounds import check_job
 from mnemos.jetstream import Publisher
 from mnemos.jobstore import JobStore
 from mnemos.layout import Layout, LayoutOptions, ensure_layout
@@ -519,6 +520,7 @@ class ControlPlane:
         job_runtime_config(runtime, defaults, ref.runtime_config)
         if runtime in TEXT_RUNTIMES and (spec.input.prompt is None) == (spec.input.messages is None):
             raise ValidationFailed(f"runtime {runtime!r} needs exactly one of input.prompt and input.messages")
+        check_job(spec)
         return lifecycle.accept(spec, runtime, utcnow(), tenant=tenant, reply_to=reply_to)
 
     async def _claim_idempotency_key(

@@ -172,7 +172,7 @@ class RetryPolicy(_Strict, tag="io.mnemos.v1.retry_policy", tag_field="type"):
     backoff_multiplier: Annotated[float, Meta(ge=1.0, le=10.0)] = 2.0
     jitter: bool = True
     #: Error codes that may retry; None means every retryable error.
-    retry_on_errors: list[str] | None = None
+    retry_on_errors: Annotated[list[Annotated[str, Meta(max_length=64)]], Meta(max_length=32)] | None = None
 
 
 #: Longest stop string a job may give (a longer one could never be matched by a bounded
@@ -187,7 +187,7 @@ class GenerationParams(_Strict):
     max_tokens: Annotated[int, Meta(gt=0, le=32768)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Meta(ge=0)] | None = None
+    top_k: Annotated[int, Meta(ge=0, le=100_000)] | None = None
     stop: Annotated[list[StopString], Meta(max_length=16)] | None = None
     seed: int | None = None
 
