@@ -156,6 +156,8 @@ class _Connections:
         self.settings: NatsSettings | None = None
         self._lock = threading.Lock()
         self._async: dict[asyncio.AbstractEventLoop, Client] = {}
+        #: A connect in flight per loop: concurrent first calls share it (one connection).
+        self._connecting: dict[asyncio.AbstractEventLoop, asyncio.Task[Client]] = {}
         self._thread: LoopThread | None = None
         self._thread_client: Client | None = None
 
@@ -163,6 +165,7 @@ class _Connections:
         with self._lock:
             self.settings = settings
             self._async.clear()  # their loops close them; new calls connect anew
+            self._connecting.clear()
             thread, self._thread, self._thread_client = self._thread, None, None
         if thread is not None:
             thread.stop()
@@ -170,12 +173,23 @@ class _Connections:
     async def client(self) -> Client:
         loop = asyncio.get_running_loop()
         client = self._async.get(loop)
-        if client is None or client._nc is None or client._nc.is_closed:
+        if client is not None and client._nc is not None and not client._nc.is_closed:
+            return client
+        pending = self._connecting.get(loop)
+        if pending is None:
             for other in [lp for lp in self._async if lp.is_closed()]:
                 self._async.pop(other, None)
+            pending = self._connecting[loop] = loop.create_task(self._connect(loop))
+        # Shielded: a caller cancelled while it waits does not cancel the others' connect.
+        return await asyncio.shield(pending)
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> Client:
+        try:
             client = await Client.connect(self.settings or NatsSettings())
             self._async[loop] = client
-        return client
+            return client
+        finally:
+            self._connecting.pop(loop, None)
 
     def blocking(self, make: Callable[[], Coroutine[Any, Any, T]]) -> T:
         """Run ``make()`` on the private loop thread and wait for it."""

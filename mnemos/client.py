@@ -208,12 +208,13 @@ class Client:
 
     @classmethod
     async def connect(
-        cls, settings: NatsSettings | None = None, *, request_timeout: float = 10.0, tenant: str | None = None
+        cls, settings: NatsSettings | None = None, *, request_timeout: float = 10.0, tenant: str | None = None,
+        name: str = "mnemos-client",
     ) -> "Client":
-        """Connect to NATS as described by ``settings`` (default: ``MNEMOS_*`` environment)."""
+        """Connect to NATS as described by ``settings`` (default: ``MNEMOS_*`` environment);
+        ``name`` is the connection's name (what ``nats server report connections`` shows)."""
         settings = settings or NatsSettings()
-        client = cls(await connect(settings, "mnemos-client"), settings.names, request_timeout=request_timeout,
-                     tenant=tenant)
+        client = cls(await connect(settings, name), settings.names, request_timeout=request_timeout, tenant=tenant)
         client._owned = True
         return client
 

@@ -243,3 +243,22 @@ async def test_errors_are_the_envelope(app_stack: Any, client: Client, nats_sett
 
 def _body(record: Any) -> DeployApp:
     return DeployApp(name=record.name, version=record.version, definitions=record.definitions)
+
+
+async def test_concurrent_first_calls_share_one_connection(nats_settings: Any) -> None:
+    """App handles connect on their first call; several first calls at once on one loop share
+    that connection (they opened one each, and all but one were never closed)."""
+    from mnemos.app import _Connections
+
+    connections = _Connections()
+    connections.configure(nats_settings)
+    clients = await asyncio.gather(*(connections.client() for _ in range(8)))
+    try:
+        assert len({id(c) for c in clients}) == 1
+        assert await connections.client() is clients[0]
+    finally:
+        await clients[0].close()
+    # Closed: the next call connects anew.
+    again = await connections.client()
+    assert again is not clients[0]
+    await again.close()

@@ -351,3 +351,11 @@ async def test_a_quiet_event_stream_gets_keep_alive_comments(control_plane: Any,
         body = (await r.aread()).decode()
     assert body.count(": keep-alive") >= 2, body
     assert body.rstrip().splitlines()[-1].startswith("data: ") and "event: final" in body
+
+
+async def test_the_gateway_names_its_nats_connection(control_plane: Any, start_gateway: Any, nats_server: Any) -> None:
+    """Operators tell the gateway from SDK users in nats-server's connection list."""
+    await start_gateway()
+    async with httpx.AsyncClient(timeout=10) as http:
+        connz = (await http.get(f"http://127.0.0.1:{nats_server.http_port}/connz", params={"limit": 1024})).json()
+    assert "mnemos-gateway" in {c.get("name") for c in connz["connections"]}

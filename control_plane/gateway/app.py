@@ -58,7 +58,8 @@ def create_app(
         owned = None
         if state.client is None:
             owned = state.client = await Client.connect(nats_settings or NatsSettings(),
-                                                         request_timeout=settings.request_timeout_s)
+                                                         request_timeout=settings.request_timeout_s,
+                                                         name="mnemos-gateway")
         try:
             yield
         finally:
