@@ -23,7 +23,7 @@ def _target(args: argparse.Namespace, slots: int) -> Iterator[NatsSettings]:
         return
     print(f"starting a local stack (file-backed JetStream, 1 control plane, {args.workers} worker(s), "
           f"{slots} slots each) ...", flush=True)
-    with local_stack(workers=args.workers, slots=slots) as stack:
+    with local_stack(workers=args.workers, slots=slots, auth=not args.no_auth) as stack:
         if getattr(args, "cpu", False):
             with cpu_per_process(stack) as usage:
                 yield stack.settings
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         k.add_argument("--url", default=None, help="use a running deployment instead of a fresh local stack")
         k.add_argument("--namespace", default="mnemos")
         k.add_argument("--workers", type=int, default=1)
+        k.add_argument("--no-auth", action="store_true",
+                       help="an open NATS server (default: a user per role, as `mnemos up`): what permissions cost")
         k.add_argument("--json", action="store_true", help="also print the numbers as JSON")
         if kind == "noop":
             k.add_argument("--jobs", type=int, default=10_000)

@@ -41,13 +41,15 @@ def percentiles(samples_ms: list[float]) -> dict[str, float]:
 @contextmanager
 def local_stack(workers: int = 1, slots: int = 256, data_dir: Path | None = None,
                 gateway: bool = False, *, autoscale: bool = False, max_workers: int = 4,
-                env: dict[str, str] | None = None) -> Iterator[LocalStack]:
+                env: dict[str, str] | None = None, auth: bool = True) -> Iterator[LocalStack]:
     """A fresh file-backed stack (embedded NATS, control plane, workers, optionally the
     HTTP gateway) for one run. ``autoscale``: workers come from the autoscaler's pool
-    ``local`` (``workers`` is its min), as with ``mnemos up``."""
+    ``local`` (``workers`` is its min), as with ``mnemos up``; ``auth``: NATS users per
+    role, as with ``mnemos up`` (off: an open server, to measure what permissions cost)."""
     with tempfile.TemporaryDirectory(prefix="mnemos-bench-") as tmp:
         opts = UpOptions(data_dir=data_dir or Path(tmp), port=free_port(), workers=workers, worker_slots=slots,
                          gateway_port=free_port() if gateway else 0, autoscale=autoscale, max_workers=max_workers,
+                         auth=auth,
                          # Free metrics ports: a benchmark must not collide with a `mnemos up`
                          # (9091, 9092...) running beside it.
                          extra_env={"MNEMOS_LOG_LEVEL": "WARNING", "MNEMOS_CP_METRICS_PORT": "0",

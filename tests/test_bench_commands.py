@@ -52,3 +52,9 @@ def test_bench_http_drives_the_gateway_from_several_processes() -> None:
     assert {"nats-server", "control-plane", "worker-0", "gateway", "load"} <= per_job
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["failures"] == 0 and result["jobs_per_s"] > 0 and result["completion_p50_ms"] > 0
+
+
+def test_bench_noop_without_auth_runs_on_an_open_server() -> None:
+    """`bench noop --no-auth`: the same stack without NATS users (what permissions cost)."""
+    result = _run("noop", "--jobs", "200", "--roundtrips", "20", "--no-auth")
+    assert result["failures"] == 0 and result["jobs_per_s"] > 0
