@@ -27,6 +27,7 @@ import hcl2
 import pytest
 
 from control_plane.autoscaler.providers.aws import BOOT_ENV, LIFECYCLE_HOOK, NAMESPACE_TAG, POOL_TAG
+from mnemos.permissions import ROLES
 
 ROOT = Path(__file__).resolve().parents[1]
 TF = ROOT / "infra" / "terraform"
@@ -46,6 +47,9 @@ MUTATING_ACTIONS = (
     "autoscaling:CompleteLifecycleAction",
     "autoscaling:RecordLifecycleActionHeartbeat",
 )
+#: The roles whose containers the control-plane module runs (`mnemos <role>`), each as its own
+#: NATS user: role -> its key in the module's nats_creds_secret_arns.
+CONTROL_PLANE_ROLES = {"control-plane": "control_plane", "gateway": "gateway", "autoscaler": "autoscaler"}
 #: Arguments of a module call that are not variables of the module.
 META_ARGUMENTS = {"source", "version", "providers", "count", "for_each", "depends_on"}
 
@@ -55,10 +59,10 @@ META_ARGUMENTS = {"source", "version", "providers", "count", "for_each", "depend
 
 def _norm(value: Any) -> Any:
     """python-hcl2 >= 7 keeps the quotes of string literals and labels and marks blocks with
-    ``__is_block__``; older versions do neither. Give both the same shape: plain strings,
-    expressions as ``${...}``."""
+    ``__is_block__`` (and comments inside a block with ``__comments__``); older versions do
+    neither. Give both the same shape: plain strings, expressions as ``${...}``, no markers."""
     if isinstance(value, dict):
-        return {_norm(k): _norm(v) for k, v in value.items() if k != "__is_block__"}
+        return {_norm(k): _norm(v) for k, v in value.items() if k not in ("__is_block__", "__comments__")}
     if isinstance(value, list):
         return [_norm(v) for v in value]
     if isinstance(value, str) and len(value) >= 2 and value[0] == value[-1] == '"':
@@ -492,6 +496,127 @@ def test_control_plane_group_is_outside_its_namespace() -> None:
     assert NAMESPACE_TAG not in keys and POOL_TAG not in keys, "its own role could resize the control plane"
     assert NAMESPACE_TAG in str(_named(CONTROL_PLANE, "variable")["tags"]["validation"])
     assert NAMESPACE_TAG not in str(_locals(CONTROL_PLANE)["tags"])
+
+
+def test_control_plane_takes_one_creds_secret_per_role() -> None:
+    assert set(CONTROL_PLANE_ROLES) <= set(ROLES), "a control-plane role is not a role of mnemos.permissions"
+    variables = _named(CONTROL_PLANE, "variable")
+    assert "nats_creds_secret_arn" not in variables, "one shared credentials secret for three roles"
+    arns = variables["nats_creds_secret_arns"]
+    assert "default" not in arns, "every role's secret is required"
+    m = re.fullmatch(r"\$\{object\(\{(.*)\}\)\}", str(arns["type"]), re.S)
+    assert m, arns["type"]
+    fields = dict(re.findall(r"(\w+)\s*=\s*(\w+)", m.group(1)))
+    assert fields == {key: "string" for key in CONTROL_PLANE_ROLES.values()}, fields
+    for role in CONTROL_PLANE_ROLES:
+        assert f"creds/{role}.creds" in arns["description"], f"the description does not name {role}'s file"
+    boot_vars = _locals(CONTROL_PLANE)["boot_vars"]
+    assert boot_vars["nats_creds_secret_arns"] == "${var.nats_creds_secret_arns}"
+    # Each container's MNEMOS_NATS_CREDS is its own role's file; none is shared.
+    assert "MNEMOS_NATS_CREDS" not in _locals(CONTROL_PLANE)["common_env"]
+    for role, key in CONTROL_PLANE_ROLES.items():
+        env = str(boot_vars[f"{key}_env"])
+        creds = re.findall(r'MNEMOS_NATS_CREDS\s*=\s*"([^"]+)"', env)
+        assert creds == [f"/run/secrets/mnemos/{role}.creds"], f"{role}: MNEMOS_NATS_CREDS {creds}"
+        assert re.match(rf"\$\{{merge\(var\.{key}_env, local\.common_env, \{{[^}}]*MNEMOS_NATS_CREDS", env), (
+            f"{role}: the module's MNEMOS_NATS_CREDS must come last, over {key}_env")
+    calls = _named(EXAMPLE, "module")
+    passed = calls["control_plane"]["nats_creds_secret_arns"]
+    assert set(passed) == set(CONTROL_PLANE_ROLES.values())
+    assert len(set(passed.values())) == 3, f"the example gives two roles one secret: {passed}"
+
+
+def _start_script(values: dict[str, Any]) -> str:
+    """The control plane's mnemos-start script as the boot script writes it, rendered with
+    ``values`` (a dotted name resolves into nested dicts; ``replace(x, "'", ...)`` is the
+    single-quote escape)."""
+    text = (CONTROL_PLANE / "templates" / "boot.sh.tftpl").read_text()
+    m = re.search(r"<<'MNEMOS_START'\n(.*?\n)MNEMOS_START\n", text, re.S)
+    assert m, "the boot script does not write mnemos-start"
+    body = m.group(1)
+    out, last = [], 0
+    for start, end, inner in _template_expressions(body):
+        assert body[start] == "$", f"unexpected directive in mnemos-start: {inner}"
+        call = re.fullmatch(r"replace\(([\w.]+),\s*\"'\",.*\)", inner.strip(), re.S)
+        value: Any = values
+        for part in (call.group(1) if call else inner.strip()).split("."):
+            value = value[part]
+        out += [body[last:start], str(value).replace("'", "'\\''") if call else str(value)]
+        last = end
+    out.append(body[last:])
+    return "".join(out).replace("$${", "${")
+
+
+_STUBS = {
+    "curl": 'echo us-east-1\n',
+    "chown": 'exit 0\n',
+    "aws": 'printf "%s\\n" "$*" >> "$STUB_LOG"\n'
+           'while [ $# -gt 0 ]; do [ "$1" = --secret-id ] && printf "SECRET %s\\n" "$2"; shift; done\n',
+    "docker": 'if [ "$1" = run ]; then printf "%s\\n" "$@" > "$STUB_RUN"; fi\nexit 0\n',
+}
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_control_plane_roles_get_only_their_own_creds(tmp_path: Path) -> None:
+    """Run mnemos-start for each role with aws, docker and curl stubbed: it reads that role's
+    secret only and mounts only that file, at that container's MNEMOS_NATS_CREDS."""
+    arns = {key: f"arn:aws:secretsmanager:us-east-1:123456789012:secret:mnemos/{key}'s creds"
+            for key in CONTROL_PLANE_ROLES.values()}
+    api_keys_arn = "arn:aws:secretsmanager:us-east-1:123456789012:secret:mnemos/gateway-keys"
+    script = _start_script({
+        "image": "mnemos:test", "nats_creds_secret_arns": arns, "gateway_api_keys_secret_arn": api_keys_arn,
+        "ecr_registry": "", "ecr_region": "", "container_uid": os.getuid(), "gateway_port": 8080,
+    })
+    run_dir = tmp_path / "run"
+    script = script.replace("/run/mnemos", str(run_dir))
+    (tmp_path / "mnemos-start").write_text(script)
+    stubs = tmp_path / "bin"
+    stubs.mkdir()
+    for name, body in _STUBS.items():
+        (stubs / name).write_text("#!/bin/bash\n" + body)
+        (stubs / name).chmod(0o755)
+    # Only the start script's own creds mount: no fixed, shared credentials file.
+    mounts = re.findall(r"-v\s+(\S+)", script)
+    creds_mounts = [v for v in mounts if ".creds" in v]
+    assert creds_mounts == [f'"{run_dir}/$ROLE.creds:/run/secrets/mnemos/$ROLE.creds:ro")'], creds_mounts
+    assert "nats.creds" not in script
+    for role, key in CONTROL_PLANE_ROLES.items():
+        log, run = tmp_path / f"{role}.aws", tmp_path / f"{role}.run"
+        env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_LOG": str(log), "STUB_RUN": str(run)}
+        done = subprocess.run(["bash", str(tmp_path / "mnemos-start"), role],
+                              capture_output=True, text=True, env=env, timeout=60)
+        assert done.returncode == 0, f"{role}: {done.stderr}"
+        read = re.findall(r"--secret-id (.*?) --query", log.read_text())
+        expected = [arns[key]] + ([api_keys_arn] if role == "gateway" else [])
+        assert sorted(read) == sorted(expected), f"{role} read {read}"
+        assert (run_dir / f"{role}.creds").read_text() == f"SECRET {arns[key]}\n"
+        args = run.read_text().splitlines()
+        volumes = [args[i + 1] for i, a in enumerate(args) if a == "-v"]
+        assert [v for v in volumes if v.endswith(".creds:ro")] == [
+            f"{run_dir}/{role}.creds:/run/secrets/mnemos/{role}.creds:ro"], f"{role} mounts {volumes}"
+        assert args[args.index("--env-file") + 1] == f"/etc/mnemos/{role}.env"
+        assert args[-2:] == ["mnemos:test", role]
+    assert sorted(p.name for p in run_dir.glob("*.creds")) == sorted(f"{r}.creds" for r in CONTROL_PLANE_ROLES)
+    done = subprocess.run(["bash", str(tmp_path / "mnemos-start"), "worker"], capture_output=True, text=True,
+                          env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}",
+                               "STUB_LOG": str(tmp_path / "w.aws"), "STUB_RUN": str(tmp_path / "w.run")}, timeout=60)
+    assert done.returncode == 2 and not (tmp_path / "w.aws").exists(), "an unknown role must read no secret"
+
+
+def test_control_plane_reads_exactly_the_role_secrets_and_api_keys() -> None:
+    statements = _policy_statements(CONTROL_PLANE)
+    secrets = [s for s in statements
+               if any(fnmatch.fnmatchcase("secretsmanager:GetSecretValue", a) or a.startswith("secretsmanager:")
+                      for a in s["actions"])]
+    assert len(secrets) == 1, f"secrets are granted by {[s.get('sid') for s in secrets]}"
+    (grant,) = secrets
+    assert grant["actions"] == ["secretsmanager:GetSecretValue"]
+    assert "condition" not in grant
+    expected = [f"${{var.nats_creds_secret_arns.{key}}}" for key in CONTROL_PLANE_ROLES.values()]
+    expected.append("${var.gateway_api_keys_secret_arn}")
+    assert sorted(_as_list(grant["resources"])) == sorted(expected)
+    for s in statements:
+        assert "*" not in s["actions"], f"statement {s.get('sid')} allows every action"
 
 
 # ----------------------------------------------------------------------------- references

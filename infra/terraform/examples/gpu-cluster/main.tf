@@ -4,6 +4,8 @@
 #   - two GPU worker pools the autoscaler drives: "a10g" (on-demand, with a warm pool) and
 #     "a10g-spot" (spot, several instance types, capacity rebalancing).
 # After `terraform apply`, declare the pools to the autoscaler (output pool_commands).
+# Each process connects to NATS as its role's user: the secrets hold the credentials files
+# `mnemos auth init` writes (creds/<role>.creds), one per role.
 
 module "nats" {
   source = "../../modules/nats-cluster"
@@ -31,9 +33,15 @@ module "control_plane" {
   nats_url                    = module.nats.nats_url
   replicas                    = module.nats.replicas
   nats_security_group_ids     = { nats = module.nats.security_group_id }
-  nats_creds_secret_arn       = var.control_plane_nats_creds_secret_arn
   gateway_api_keys_secret_arn = var.gateway_api_keys_secret_arn
   gateway_ingress_cidr_blocks = var.gateway_ingress_cidr_blocks
+
+  # One NATS user per role (`mnemos auth init`: creds/<role>.creds), one secret each.
+  nats_creds_secret_arns = {
+    control_plane = var.control_plane_nats_creds_secret_arn
+    gateway       = var.gateway_nats_creds_secret_arn
+    autoscaler    = var.autoscaler_nats_creds_secret_arn
+  }
 }
 
 module "pool_on_demand" {

@@ -19,7 +19,7 @@ output "pools" {
 }
 
 output "pool_commands" {
-  description = "Commands that declare the two pools to the autoscaler (run them with MNEMOS_NATS_URL and credentials of the deployment)."
+  description = "Commands that declare the two pools to the autoscaler (run them with MNEMOS_NATS_URL and the operator role's credentials, MNEMOS_NATS_CREDS=creds/operator.creds from `mnemos auth init`)."
   value       = [
     for m in [module.pool_on_demand, module.pool_spot] :
     "mnemos pools set ${m.pool_name} --provider aws --runtime vllm --runtime transformers --min 0 --max ${m.pool_name == "a10g" ? var.on_demand_max_size : var.spot_max_size} --setting region=${m.provider_settings.region} --setting group=${m.provider_settings.group}"

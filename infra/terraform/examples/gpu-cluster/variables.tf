@@ -42,17 +42,27 @@ variable "worker_image" {
 }
 
 variable "nats_auth_config_secret_arn" {
-  description = "Secrets Manager secret: the nats-server authorization configuration (operator, system_account, resolver, resolver_preload; nsc generate config --mem-resolver)."
+  description = "Secrets Manager secret: the nats-server authorization configuration (server.conf from `mnemos auth init`: max_control_line, operator, system_account, resolver, resolver_preload)."
   type        = string
 }
 
 variable "worker_nats_creds_secret_arn" {
-  description = "Secrets Manager secret: the NATS credentials file of the GPU workers (a user of the MNEMOS account)."
+  description = "Secrets Manager secret: the NATS credentials file of the GPU workers (the worker role's creds/worker.creds from `mnemos auth init`)."
   type        = string
 }
 
 variable "control_plane_nats_creds_secret_arn" {
-  description = "Secrets Manager secret: the NATS credentials file of the control plane, gateway and autoscaler."
+  description = "Secrets Manager secret: the NATS credentials file of the control-plane container (creds/control-plane.creds from `mnemos auth init`)."
+  type        = string
+}
+
+variable "gateway_nats_creds_secret_arn" {
+  description = "Secrets Manager secret: the NATS credentials file of the gateway container (creds/gateway.creds from `mnemos auth init`)."
+  type        = string
+}
+
+variable "autoscaler_nats_creds_secret_arn" {
+  description = "Secrets Manager secret: the NATS credentials file of the autoscaler container (creds/autoscaler.creds from `mnemos auth init`)."
   type        = string
 }
 

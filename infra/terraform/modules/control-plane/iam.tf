@@ -6,7 +6,10 @@
 #     SetInstanceProtection, CompleteLifecycleAction, RecordLifecycleActionHeartbeat, and
 #     only on groups tagged mnemos:namespace = var.namespace. The role cannot tag or untag
 #     anything, so it cannot bring another group into its namespace;
-#   - its NATS credentials and the gateway's API keys; ECR pull of its image.
+#   - the three roles' NATS credentials (control-plane, gateway, autoscaler: one secret
+#     each) and the gateway's API keys; ECR pull of its image. Only the host and the
+#     autoscaler container (host network) reach IMDS (hop limit 1), so only they can use
+#     the role; the control-plane and gateway containers get just their own files.
 
 data "aws_iam_policy_document" "assume" {
   statement {
@@ -77,7 +80,12 @@ data "aws_iam_policy_document" "control_plane" {
   statement {
     sid       = "ReadSecrets"
     actions   = ["secretsmanager:GetSecretValue"]
-    resources = [var.nats_creds_secret_arn, var.gateway_api_keys_secret_arn]
+    resources = [
+      var.nats_creds_secret_arns.control_plane,
+      var.nats_creds_secret_arns.gateway,
+      var.nats_creds_secret_arns.autoscaler,
+      var.gateway_api_keys_secret_arn,
+    ]
   }
 
   dynamic "statement" {

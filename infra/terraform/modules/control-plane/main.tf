@@ -6,6 +6,8 @@
 #   - `mnemos gateway` (bridge network, gateway_port published), with the API keys file;
 #   - `mnemos autoscaler` (host network, so that it reaches IMDSv2 with a hop limit of 1 and
 #     acts with the instance role below on the worker groups of its namespace).
+# Each container connects to NATS as its role's user (mnemos/permissions.py), with its own
+# credentials file read from its own secret (var.nats_creds_secret_arns).
 # The group deliberately carries no mnemos:namespace tag: its own role must not resize it.
 
 data "aws_region" "current" {}
@@ -33,31 +35,37 @@ locals {
 
   autoscaling_regions = length(var.autoscaling_regions) > 0 ? var.autoscaling_regions : [data.aws_region.current.name]
 
-  # Environment of all three containers (MNEMOS_NATS_CREDS is the path inside them).
+  # Environment of all three containers.
   common_env = {
-    MNEMOS_NATS_URL   = var.nats_url
-    MNEMOS_NAMESPACE  = var.namespace
-    MNEMOS_NATS_CREDS = "/run/secrets/mnemos/nats.creds"
-    MNEMOS_REPLICAS   = tostring(var.replicas)
+    MNEMOS_NATS_URL  = var.nats_url
+    MNEMOS_NAMESPACE = var.namespace
+    MNEMOS_REPLICAS  = tostring(var.replicas)
   }
 
-  # Everything the boot script template (templates/boot.sh.tftpl) interpolates.
+  # Everything the boot script template (templates/boot.sh.tftpl) interpolates. Each role
+  # connects as its own NATS user: mnemos-start <role> reads that role's secret into
+  # /run/mnemos/<role>.creds and mounts it at /run/secrets/mnemos/<role>.creds
+  # (MNEMOS_NATS_CREDS) into that role's container only.
   boot_vars = {
     name                        = local.name
     image                       = var.image
-    nats_creds_secret_arn       = var.nats_creds_secret_arn
+    nats_creds_secret_arns      = var.nats_creds_secret_arns
     gateway_api_keys_secret_arn = var.gateway_api_keys_secret_arn
     gateway_port                = var.gateway_port
     ecr_registry                = local.ecr_registry
     ecr_region                  = local.ecr_region
     container_uid               = var.container_uid
-    control_plane_env           = merge(var.control_plane_env, local.common_env)
-    gateway_env                 = merge(var.gateway_env, local.common_env, {
+    control_plane_env           = merge(var.control_plane_env, local.common_env, {
+      MNEMOS_NATS_CREDS = "/run/secrets/mnemos/control-plane.creds"
+    })
+    gateway_env = merge(var.gateway_env, local.common_env, {
+      MNEMOS_NATS_CREDS            = "/run/secrets/mnemos/gateway.creds"
       MNEMOS_GATEWAY_HOST          = "0.0.0.0"
       MNEMOS_GATEWAY_PORT          = tostring(var.gateway_port)
       MNEMOS_GATEWAY_API_KEYS_FILE = "/run/secrets/mnemos/gateway-api-keys.json"
     })
     autoscaler_env = merge(var.autoscaler_env, local.common_env, {
+      MNEMOS_NATS_CREDS  = "/run/secrets/mnemos/autoscaler.creds"
       AWS_REGION         = data.aws_region.current.name
       AWS_DEFAULT_REGION = data.aws_region.current.name
     })

@@ -175,9 +175,18 @@ variable "replicas" {
   default     = 3
 }
 
-variable "nats_creds_secret_arn" {
-  description = "ARN of the Secrets Manager secret whose SecretString is the control plane's NATS credentials file (MNEMOS_NATS_CREDS of all three containers)."
-  type        = string
+variable "nats_creds_secret_arns" {
+  description = "ARNs of the Secrets Manager secrets holding each role's NATS credentials file from `mnemos auth init` as the SecretString: control_plane = creds/control-plane.creds, gateway = creds/gateway.creds, autoscaler = creds/autoscaler.creds (one user per role, each with its role's permissions). Each is read into /run/mnemos/<role>.creds and mounted into that role's container only, as MNEMOS_NATS_CREDS."
+  type = object({
+    control_plane = string
+    gateway       = string
+    autoscaler    = string
+  })
+
+  validation {
+    condition     = length(distinct(values(var.nats_creds_secret_arns))) == 3
+    error_message = "Give each role its own secret: control_plane, gateway and autoscaler are users with different permissions."
+  }
 }
 
 variable "gateway_api_keys_secret_arn" {
