@@ -19,6 +19,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, NotFoundError
 from nats.micro import add_service
 from nats.micro.request import Request
@@ -67,6 +69,7 @@ from mnemos.errors import (
     Conflict,
     Forbidden,
     Internal,
+    InvalidRequest,
     JobNotFound,
     JobTimeout,
     MnemosError,
@@ -124,6 +127,8 @@ from mnemos.messages import (
     utcnow,
 )
 from mnemos.names import (
+    Names,
+    validate_tenant,
     HDR_MSG_ID,
     HDR_RECORD_FOLLOWS,
     HDR_TENANT,
@@ -178,6 +183,9 @@ class ControlPlane:
             max_waiters=settings.max_in_flight,
         )
         self._tasks: set[asyncio.Task[None]] = set()
+        #: The handler of each endpoint by name, for requests on a tenant's subjects.
+        self._tenant_routes: dict[str, Callable[[Request], Awaitable[None]]] = {}
+        self._tenant_sub: Subscription | None = None
         self._started = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -268,6 +276,12 @@ class ControlPlane:
                 handler=self._concurrent(handler, endpoint.micro_name),
                 metadata={"endpoint": endpoint.name},
             )
+            self._tenant_routes[endpoint.name] = self._concurrent(handler, endpoint.micro_name)
+        # Each endpoint again under every tenant's own subjects (mnemos.tenant.<tenant>.api.*):
+        # there the tenant is the subject's, which NATS permissions hold a tenant's
+        # credentials to, not a header its client could leave out or forge.
+        self._tenant_sub = await self.nc.subscribe(self.names.tenant_api_all(), queue=self.names.api_queue_group,
+                                                   cb=self._tenant_request)
         await barrier(self.nc)  # every endpoint is subscribed on the server when start() returns
         log.info("control plane serving %s.* (service id %s)", self.names.api_prefix, self.service.id)
 
@@ -276,6 +290,9 @@ class ControlPlane:
         if not self._started:
             return
         self._started = False
+        if self._tenant_sub is not None:
+            await self._tenant_sub.unsubscribe()
+            self._tenant_sub = None
         if self.service is not None:
             await self.service.stop()
         if self._tasks:
@@ -333,6 +350,16 @@ class ControlPlane:
             task.add_done_callback(self._tasks.discard)
 
         return handler
+
+    async def _tenant_request(self, msg: Msg) -> None:
+        """A request on a tenant's subject: the endpoint it names, for that tenant."""
+        req = Request(msg)
+        parsed = self.names.parse_tenant_api_subject(msg.subject)
+        handler = self._tenant_routes.get(parsed[1]) if parsed is not None else None
+        if handler is None:
+            await self._respond_error(req, InvalidRequest(f"no endpoint on {msg.subject}"))
+            return
+        await handler(req)
 
     def _account(self, endpoint: str, elapsed_ns: int, error: MnemosError | None) -> None:
         """Count an answered (or shed) request of micro endpoint ``endpoint``: in the
@@ -882,13 +909,19 @@ def _idempotency_hash(key: str, tenant: str | None) -> str:
 
 
 def _tenant(req: Request) -> str | None:
-    """The tenant a request acts for (``Mnemos-Tenant`` header); None: every tenant."""
+    """The tenant a request acts for: the tenant of its subject (``mnemos.tenant.<tenant>.api.*``,
+    where a header changes nothing), else the ``Mnemos-Tenant`` header (the operator's and
+    the gateway's subjects); None: every tenant."""
+    parsed = Names.parse_tenant_api_subject(req.subject)
+    if parsed is not None:
+        return parsed[0]
     tenant = (req.headers or {}).get(HDR_TENANT)
     if tenant is None:
         return None
-    if not 0 < len(tenant) <= 128 or not tenant.isprintable():
-        raise ValidationFailed(f"header {HDR_TENANT} must be 1-128 printable characters")
-    return tenant
+    try:
+        return validate_tenant(tenant)
+    except ValueError as e:
+        raise ValidationFailed(f"header {HDR_TENANT}: {e}") from None
 
 
 def _visible(record: JobRecord, tenant: str | None) -> JobRecord:

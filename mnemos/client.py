@@ -24,6 +24,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import api as jsapi
 
+from mnemos.auth import creds_identity
 from mnemos.config import NatsSettings
 from mnemos.connection import connect, unavailable_from
 from mnemos.endpoints import (
@@ -96,7 +97,7 @@ from mnemos.messages import (
     decode,
     encode,
 )
-from mnemos.names import HDR_PING, HDR_SERVICE_ERROR_CODE, HDR_TENANT, Names
+from mnemos.names import HDR_PING, HDR_SERVICE_ERROR_CODE, Names, validate_tenant
 
 __all__ = ["Client", "job_spec"]
 
@@ -201,8 +202,14 @@ class Client:
         self.names = names or Names()
         self.request_timeout = request_timeout
         #: Act for this tenant: its jobs are recorded with it, and only its jobs are visible.
+        #: Its requests go to the tenant's own subjects (``mnemos.tenant.<tenant>.api.*``),
+        #: which a tenant's NATS credentials are held to.
+        if tenant is not None:
+            try:
+                validate_tenant(tenant)
+            except ValueError as e:
+                raise ValidationFailed(str(e)) from None
         self.tenant = tenant
-        self._headers = {HDR_TENANT: tenant} if tenant else None
         #: Answers to requests answered twice (``jobs.start``), shared by the connection's clients.
         self._replies = _Replies(nc) if nc is not None else None
 
@@ -212,8 +219,12 @@ class Client:
         name: str = "mnemos-client",
     ) -> "Client":
         """Connect to NATS as described by ``settings`` (default: ``MNEMOS_*`` environment);
-        ``name`` is the connection's name (what ``nats server report connections`` shows)."""
+        ``name`` is the connection's name (what ``nats server report connections`` shows).
+        Credentials minted for a tenant (``service.<tenant>``) make it act for that tenant."""
         settings = settings or NatsSettings()
+        if tenant is None and settings.creds_file is not None:
+            identity = creds_identity(settings.creds_file)
+            tenant = identity.tenant if identity is not None else None
         client = cls(await connect(settings, name), settings.names, request_timeout=request_timeout, tenant=tenant)
         client._owned = True
         return client
@@ -246,10 +257,10 @@ class Client:
     async def _call(self, endpoint: Endpoint[Req, Rep], request: Req, timeout: float | None = None) -> Rep:
         """Send ``request`` to ``endpoint``; its reply decoded as ``endpoint.reply``, or the
         error envelope raised as its :mod:`mnemos.errors` class."""
-        subject = endpoint.subject(self.names)
+        subject = self._subject(endpoint)
         wait = timeout or self.request_timeout
         try:
-            msg = await self.nc.request(subject, encode(request), timeout=wait, headers=self._headers)
+            msg = await self.nc.request(subject, encode(request), timeout=wait)
         except nats.errors.NoRespondersError as e:
             raise Unavailable(f"no control plane answers on {subject}") from e
         except nats.errors.TimeoutError as e:
@@ -257,6 +268,13 @@ class Client:
         if msg.headers and HDR_SERVICE_ERROR_CODE in msg.headers:
             raise from_info(decode(msg.data, ErrorReply).error)
         return decode(msg.data, endpoint.reply)
+
+    def _subject(self, endpoint: Endpoint[Any, Any]) -> str:
+        """Where a request to ``endpoint`` goes: the tenant's own subject, or (no tenant: the
+        operator, every tenant) the endpoint's."""
+        if self.tenant:
+            return self.names.tenant_api_subject(self.tenant, endpoint.name)
+        return endpoint.subject(self.names)
 
     # ------------------------------------------------------------------ jobs
 
@@ -290,7 +308,7 @@ class Client:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + wait
         async with self._replies.open() as (reply, answers):
-            await self.nc.publish(JOBS_START.subject(self.names), encode(spec), reply=reply, headers=self._headers)
+            await self.nc.publish(self._subject(JOBS_START), encode(spec), reply=reply)
             queued: JobRecord | None = None
             while True:
                 # The first answer names the job: wait for it as for any request.
@@ -303,7 +321,7 @@ class Client:
                         raise Unavailable(f"jobs.start got no answer within {left:g}s") from None
                     return queued
                 if msg.headers and msg.headers.get("Status") == "503":
-                    raise Unavailable(f"no control plane answers on {JOBS_START.subject(self.names)}")
+                    raise Unavailable(f"no control plane answers on {self._subject(JOBS_START)}")
                 if msg.headers and HDR_SERVICE_ERROR_CODE in msg.headers:
                     raise from_info(decode(msg.data, ErrorReply).error)
                 record = decode(msg.data, JobRecord)

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import Meta, Struct, field
 
 from mnemos.errors import ErrorInfo, InvalidJSON, MnemosError, ValidationFailed
-from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE, RUNTIMES
+from mnemos.names import HDR_SERVICE_ERROR, HDR_SERVICE_ERROR_CODE, RUNTIMES, TENANT_RE
 
 __all__ = [
     "JobStatus",
@@ -715,7 +715,7 @@ class RemovePool(_Strict):
 
 
 #: A tenant's name as quotas key it (a KV key and a subject token).
-TenantName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
+TenantName = Annotated[str, Meta(pattern=TENANT_RE.pattern)]
 
 
 class TenantQuota(_Strict, tag="io.mnemos.v1.tenant_quota", tag_field="type"):

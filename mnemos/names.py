@@ -28,6 +28,8 @@ __all__ = [
     "model_key",
     "model_name",
     "validate_prefix",
+    "validate_tenant",
+    "TENANT_RE",
 ]
 
 SERVICE_NAME = "mnemos-control-plane"
@@ -55,6 +57,18 @@ HDR_PING = "Mnemos-Ping"
 HDR_RECORD_FOLLOWS = "Mnemos-Record-Follows"
 
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+
+
+#: A tenant's name: one subject token (``mnemos.tenant.<tenant>.api.*``) and a KV key.
+TENANT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
+def validate_tenant(tenant: str) -> str:
+    """Return ``tenant`` if it can name a tenant's subjects, else raise ValueError."""
+    if not TENANT_RE.match(tenant):
+        raise ValueError(f"tenant {tenant!r} must be 1-64 characters of A-Z, a-z, 0-9, _ and -, "
+                         "starting with a letter or digit")
+    return tenant
 
 
 def validate_prefix(prefix: str) -> str:
@@ -266,6 +280,24 @@ class Names:
     @property
     def api_prefix(self) -> str:
         return f"{self.prefix}.api"
+
+    def tenant_api_subject(self, tenant: str, endpoint: str) -> str:
+        """``mnemos.tenant.acme.api.jobs.submit``: ``endpoint`` for ``tenant``, where NATS
+        permissions can hold a tenant's credentials to its own subjects."""
+        return f"{self.prefix}.tenant.{validate_tenant(tenant)}.api.{endpoint}"
+
+    def tenant_api_all(self, tenant: str = "*", endpoint: str = ">") -> str:
+        """A filter of tenants' API subjects: every endpoint (or ``endpoint``) of ``tenant``
+        (default: of every tenant)."""
+        return f"{self.prefix}.tenant.{tenant}.api.{endpoint}"
+
+    @staticmethod
+    def parse_tenant_api_subject(subject: str) -> tuple[str, str] | None:
+        """``(tenant, endpoint)`` of a tenant's API subject; None for any other subject."""
+        parts = subject.split(".")
+        if len(parts) == 6 and parts[1] == "tenant" and parts[3] == "api":
+            return parts[2], f"{parts[4]}.{parts[5]}"
+        return None
 
     def api_subject(self, endpoint: str) -> str:
         """``mnemos.api.jobs.submit`` for endpoint ``jobs.submit``."""

@@ -18,7 +18,10 @@ Roles:
   delete or purge anything, or subscribe to results.
 - ``gateway``: calls the API for the tenants its API keys name, reads results.
 - ``service``: an SDK user: the job, model, app and actor endpoints and results; not the
-  operator's endpoints (pools, deploys).
+  operator's endpoints (pools, quotas, deploys). A tenant's service user
+  (``service.<tenant>``, ``mnemos auth mint service --name service.acme``) calls only its
+  tenant's subjects, ``<ns>.tenant.<tenant>.api.*``: the tenant is the subject's, and no
+  header can make it another's.
 - ``deploy``: pushes models and artifacts and deploys apps.
 - ``operator``: everything (the ``nats`` CLI, ``mnemos`` admin commands).
 
@@ -125,7 +128,14 @@ def role_permissions(role: str, names: Names, user: str | None = None) -> Permis
             ),
         )
     if role in ("gateway", "service"):
-        endpoints = (f"{ns}.api.>",) if role == "gateway" else tuple(names.api_subject(e) for e in _SERVICE_ENDPOINTS)
+        tenant = (user or role).partition(".")[2]
+        if role == "gateway":  # acts for the tenant of each API key, and as the operator for operator keys
+            endpoints: tuple[str, ...] = (f"{ns}.api.>", names.tenant_api_all())
+        elif tenant:  # a tenant's user: only that tenant's subjects, where the tenant is the server's to check
+            endpoints = tuple(names.tenant_api_subject(tenant, e) for e in _SERVICE_ENDPOINTS)
+        else:  # ``mnemos up``'s service user: the service endpoints, for every tenant
+            endpoints = (*(names.api_subject(e) for e in _SERVICE_ENDPOINTS),
+                         *(names.tenant_api_all(endpoint=e) for e in _SERVICE_ENDPOINTS))
         return Permissions(
             pub_allow=(*endpoints, "$SRV.PING.>", names.actor_subject("*"), names.actor_activate_subject,
                        *_watch(s["results"]), *_read(s["results"])),

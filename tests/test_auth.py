@@ -25,7 +25,7 @@ from mnemos.client import Client, job_spec
 from mnemos.config import NatsSettings
 from mnemos.connection import barrier, connect
 from mnemos.embedded import EmbeddedNats, free_port
-from mnemos.errors import Unavailable
+from mnemos.errors import JobNotFound, Unavailable
 from mnemos.layout import ensure_layout
 from mnemos.names import Names
 from mnemos.permissions import ROLES, local_users, role_permissions
@@ -41,6 +41,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Any:
     names = Names("sec" + uuid.uuid4().hex[:6])
     for user, permissions in local_users(names).items():
         auth.mint(user, permissions)
+    auth.mint("service.acme", role_permissions("service", names, user="service.acme"))  # a tenant's user
     server = EmbeddedNats(store_dir=root / "nats", port=free_port(), log_file=root / "nats.log",
                           include=auth.server_conf)
     server.start()
@@ -152,8 +153,19 @@ def _cases(names: Names) -> list[tuple[str, str, str, bool]]:
         ("service", "pub", "_INBOX.worker.x.1", False),
         ("service", "sub", n.dispatch_filter("python"), False),
         ("service", "sub", n.heartbeat_all, False),
+        # A tenant's service user: its tenant's subjects only. The operator's subjects (where
+        # a header names the tenant) and another tenant's are refused by the server.
+        ("service.acme", "pub", n.tenant_api_subject("acme", "jobs.submit"), True),
+        ("service.acme", "pub", n.tenant_api_subject("acme", "jobs.get"), True),
+        ("service.acme", "pub", n.tenant_api_subject("other", "jobs.get"), False),
+        ("service.acme", "pub", n.tenant_api_subject("other", "jobs.cancel"), False),
+        ("service.acme", "pub", api("jobs.get"), False),
+        ("service.acme", "pub", api("jobs.cancel"), False),
+        ("service.acme", "pub", n.tenant_api_subject("acme", "pools.set"), False),
+        ("service.acme", "pub", n.tenant_api_subject("acme", "tenants.set"), False),
         # The gateway: every endpoint (for the tenants its keys name); no buckets, no workers.
         ("gateway", "pub", api("pools.set"), True),
+        ("gateway", "pub", n.tenant_api_subject("acme", "jobs.submit"), True),
         ("gateway", "sub", n.results_all, True),
         ("gateway", "pub", n.kv_key_subject(n.jobs_bucket, job), False),
         ("gateway", "pub", n.dispatch_subject("python", 5, "demo-fn", "v1"), False),
@@ -194,7 +206,7 @@ async def test_role_permissions_are_enforced_by_the_server(secured: Any, as_user
 
 
 def test_every_role_is_covered() -> None:
-    assert {case[0] for case in _cases(Names())} == set(ROLES)
+    assert {case[0].partition(".")[0] for case in _cases(Names())} == set(ROLES)
 
 
 async def test_without_credentials_nats_refuses(secured: Any) -> None:
@@ -266,6 +278,19 @@ async def test_the_platform_runs_on_least_privilege(
         ended = await client.wait(sleeping.job_id, timeout=30)
         assert ended.status == "cancelled"
         assert [w.worker_id for w in await client.workers()] == ["w-sec"]
+        # A tenant's credentials: the client acts for that tenant on its own subjects, and
+        # another tenant's job does not exist for it.
+        acme = await Client.connect(settings_for(secured, "service.acme"))
+        try:
+            assert acme.tenant == "acme"
+            mine = await acme.run(job_spec("demo-fn:v1", function="add", args=[1, 2]), timeout=60)
+            assert mine.tenant == "acme" and (await acme.get(mine.job_id)).status == "completed"
+            theirs = await client.for_tenant("globex").submit(job_spec("demo-fn:v1", args=["globex"]))
+            with pytest.raises(JobNotFound):
+                await acme.get(theirs.job_id)
+            assert {j.job_id for j in (await acme.list()).jobs} == {mine.job_id}
+        finally:
+            await _bounded(acme.close(), "client close")
     finally:
         await _bounded(client.close(), "client close")
         await _bounded(worker.drain(), "worker drain")
@@ -369,10 +394,13 @@ async def test_infra_configs_run_in_operator_mode(documented_infra: Any, tmp_pat
             await nats.connect(url.split(",")[0], allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=5)
         assert await _violations_of(url, str(creds / "worker.creds"), settings.names.api_subject("jobs.submit"))
         assert not await _violations_of(url, str(creds / "service.creds"), settings.names.api_subject("jobs.submit"))
-        # A user minted later (`mnemos auth mint`) is taken without touching the server.
-        acme = str(creds / "service.acme.creds")
-        assert not await _violations_of(url, acme, settings.names.api_subject("jobs.submit"))
-        assert await _violations_of(url, acme, settings.names.api_subject("pools.set"))
+        # A user minted later (`mnemos auth mint`) is taken without touching the server; a
+        # tenant's service user reaches only its tenant's subjects.
+        acme, n = str(creds / "service.acme.creds"), settings.names
+        assert not await _violations_of(url, acme, n.tenant_api_subject("acme", "jobs.submit"))
+        assert await _violations_of(url, acme, n.tenant_api_subject("other", "jobs.submit"))
+        assert await _violations_of(url, acme, n.api_subject("jobs.submit"))
+        assert await _violations_of(url, acme, n.tenant_api_subject("acme", "pools.set"))
     finally:
         for proc in procs:
             proc.terminate()

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 from control_plane.gateway.config import GatewaySettings
 from mnemos.errors import Unauthorized
+from mnemos.names import validate_tenant
 
 __all__ = ["ApiKeys", "is_loopback", "check_bind"]
 
@@ -26,8 +27,9 @@ class ApiKeys:
 
     def __init__(self, keys: Mapping[str, str]) -> None:
         for key, tenant in keys.items():
-            if not key or not tenant or not tenant.isprintable() or len(tenant) > 128:
-                raise ValueError("every API key needs a non-empty key and a tenant of 1-128 printable characters")
+            if not key:
+                raise ValueError("every API key needs a non-empty key")
+            validate_tenant(tenant)  # a tenant is a subject token: mnemos.tenant.<tenant>.api.*
         self._tenants = {_digest(key): tenant for key, tenant in keys.items()}
 
     @classmethod

@@ -25,12 +25,13 @@ from control_plane.gateway.http import (
 from mnemos.client import Client
 from mnemos.errors import ValidationFailed
 from mnemos.messages import TenantList, TenantQuota, TenantView
+from mnemos.names import TENANT_RE
 
 __all__ = ["router"]
 
 router = APIRouter(prefix="/v1", responses=ERROR_RESPONSES, tags=["tenants"])
 
-TenantPath = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", description="The tenant")]
+TenantPath = Annotated[str, Path(pattern=TENANT_RE.pattern, description="The tenant")]
 _VIEW = json_response_doc(TenantView, "The tenant's quota and its use now")
 
 
