@@ -270,13 +270,13 @@ class ControlPlane:
             stats_handler=self.metrics.micro,
         )
         for endpoint, handler in routes:
+            served = self._tenant_routes[endpoint.name] = self._concurrent(handler, endpoint.micro_name)
             await self.service.add_endpoint(
                 name=endpoint.micro_name,
                 subject=endpoint.subject(self.names),
-                handler=self._concurrent(handler, endpoint.micro_name),
+                handler=served,
                 metadata={"endpoint": endpoint.name},
             )
-            self._tenant_routes[endpoint.name] = self._concurrent(handler, endpoint.micro_name)
         # Each endpoint again under every tenant's own subjects (mnemos.tenant.<tenant>.api.*):
         # there the tenant is the subject's, which NATS permissions hold a tenant's
         # credentials to, not a header its client could leave out or forge.
@@ -913,15 +913,14 @@ def _tenant(req: Request) -> str | None:
     where a header changes nothing), else the ``Mnemos-Tenant`` header (the operator's and
     the gateway's subjects); None: every tenant."""
     parsed = Names.parse_tenant_api_subject(req.subject)
-    if parsed is not None:
-        return parsed[0]
-    tenant = (req.headers or {}).get(HDR_TENANT)
+    tenant = parsed[0] if parsed is not None else (req.headers or {}).get(HDR_TENANT)
     if tenant is None:
         return None
     try:
         return validate_tenant(tenant)
     except ValueError as e:
-        raise ValidationFailed(f"header {HDR_TENANT}: {e}") from None
+        where = "the subject" if parsed is not None else f"header {HDR_TENANT}"
+        raise ValidationFailed(f"{where}: {e}") from None
 
 
 def _visible(record: JobRecord, tenant: str | None) -> JobRecord:

@@ -249,7 +249,8 @@ class LocalStack:
                                  log_file=self.logs / "nats-server.log",
                                  include=self.auth.server_conf if self.auth else None,
                                  tls_cert=options.tls_cert, tls_key=options.tls_key)
-        self.tls_ca = (options.tls_ca or options.tls_cert) if options.tls_cert else None
+        ca = options.tls_ca or options.tls_cert
+        self.tls_ca = str(ca.resolve()) if options.tls_cert and ca else None
         env = {k: v for k, v in os.environ.items() if k != CREDS_VARIABLE}
         env.update({
             "MNEMOS_NATS_URL": self.nats.url,
@@ -259,7 +260,7 @@ class LocalStack:
             "PYTHONUNBUFFERED": "1",
         })
         if self.tls_ca is not None:
-            env["MNEMOS_NATS_TLS_CA"] = str(Path(self.tls_ca).resolve())
+            env["MNEMOS_NATS_TLS_CA"] = self.tls_ca
         if self.auth is not None:
             env.update({role_creds_variable(role): str(self.auth.creds_path(role)) for role in _CHILD_ROLES})
         self.settings = self.settings_as(LOCAL_USER)
@@ -297,7 +298,7 @@ class LocalStack:
         """How ``user`` (a role, ``operator``, ``deploy``) reaches this stack's NATS."""
         creds = str(self.auth.creds_path(user)) if self.auth is not None else None
         return NatsSettings(nats_url=self.nats.url, namespace=self.options.namespace, nats_creds=creds,
-                            nats_tls_ca=str(Path(self.tls_ca).resolve()) if self.tls_ca else None)
+                            nats_tls_ca=self.tls_ca)
 
     def start(self) -> None:
         """Start NATS, register the demo models, start the children, wait until a worker is up."""

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from mnemos.names import TENANT_RE
+
 if TYPE_CHECKING:  # nkeys (and PyNaCl) load where keys are made, not in every process that connects
     import nkeys
 
@@ -45,8 +47,8 @@ __all__ = [
     "MAX_CONTROL_LINE",
 ]
 
-#: Users are named ``<role>`` or ``<role>.<tenant>``; the name is one subject token pair.
-_USER_RE = re.compile(r"^[a-z][a-z0-9-]{0,31}(\.[a-z0-9][a-z0-9_-]{0,63})?$")
+#: Users are named ``<role>`` or ``<role>.<tenant>`` (a tenant as :data:`TENANT_RE` has it).
+_USER_RE = re.compile(rf"^[a-z][a-z0-9-]{{0,31}}(\.{TENANT_RE.pattern.removeprefix('^').removesuffix('$')})?$")
 
 
 #: ``max_control_line`` of a server that takes MNEMOS users (a worker's JWT is ~5 KiB).
@@ -61,28 +63,14 @@ def inbox_prefix(user: str) -> str:
 
 @dataclass(frozen=True)
 class Permissions:
-    """Subjects a user may publish and subscribe to (nats-server semantics: ``deny`` wins;
-    ``responses`` lets it answer requests it received, once each, whatever the inbox)."""
+    """Subjects a user may publish and subscribe to; nothing else (nats-server semantics:
+    an allow list admits only what it names)."""
 
     pub_allow: tuple[str, ...] = ()
-    pub_deny: tuple[str, ...] = ()
     sub_allow: tuple[str, ...] = ()
-    sub_deny: tuple[str, ...] = ()
-    responses: bool = False
 
     def claims(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"pub": {}, "sub": {}}
-        if self.pub_allow:
-            out["pub"]["allow"] = list(self.pub_allow)
-        if self.pub_deny:
-            out["pub"]["deny"] = list(self.pub_deny)
-        if self.sub_allow:
-            out["sub"]["allow"] = list(self.sub_allow)
-        if self.sub_deny:
-            out["sub"]["deny"] = list(self.sub_deny)
-        if self.responses:
-            out["resp"] = {"max": 1, "ttl": 0}
-        return out
+        return {"pub": {"allow": list(self.pub_allow)}, "sub": {"allow": list(self.sub_allow)}}
 
 
 def _b64(data: bytes) -> str:
@@ -163,8 +151,8 @@ def creds_identity(path: str | Path) -> Identity | None:
     match = _CREDS_JWT_RE.search(Path(path).read_text())
     if match is None:
         raise ValueError(f"{path} is not a NATS credentials file (no user JWT)")
-    name = str(decode_jwt_claims(match.group(1)).get("name", ""))
-    tags = decode_jwt_claims(match.group(1)).get("nats", {}).get("tags") or []
+    claims = decode_jwt_claims(match.group(1))
+    name, tags = str(claims.get("name", "")), claims.get("nats", {}).get("tags") or []
     return Identity(name) if "mnemos" in tags and _USER_RE.match(name) else None
 
 

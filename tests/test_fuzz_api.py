@@ -468,3 +468,23 @@ async def test_payloads_that_crashed_the_control_plane(
     reply = await nc.request(names.api_subject(endpoint), payload, timeout=REQUEST_TIMEOUT_S)
     assert check_reply(endpoint, reply) is None, reply.data
     assert decode(reply.data, ErrorReply).error.code in codes, reply.data
+
+
+async def test_tenant_subjects_that_name_no_tenant_or_endpoint(control_plane, nc: NATS, names: Names) -> None:
+    """On ``<ns>.tenant.<tenant>.api.<endpoint>`` the subject picks the tenant and the
+    endpoint: a token that is no tenant name is ``validation_error``, no endpoint
+    ``invalid_request``; a well-formed one is served for that tenant."""
+    prefix = names.tenant_api_all("x").removesuffix(".x.api.>")
+    cases = {
+        f"{prefix}.é$.api.jobs.list": "validation_error",
+        f"{prefix}.-a.api.jobs.list": "validation_error",
+        f"{prefix}.{'t' * 65}.api.jobs.list": "validation_error",
+        names.tenant_api_all("acme", "jobs.nothing"): "invalid_request",
+        names.tenant_api_all("acme", "nope.list"): "invalid_request",
+    }
+    for subject, expected in cases.items():
+        reply = await nc.request(subject, b"{}", timeout=REQUEST_TIMEOUT_S)
+        assert (reply.headers or {}).get(HDR_SERVICE_ERROR_CODE), (subject, reply.data)
+        assert decode(reply.data, ErrorReply).error.code == expected, (subject, reply.data)
+    listed = await nc.request(names.tenant_api_subject("acme", "jobs.list"), b"{}", timeout=REQUEST_TIMEOUT_S)
+    assert check_reply("jobs.list", listed) is None, listed.data
