@@ -26,7 +26,7 @@ from nats.js import api as jsapi
 
 from mnemos.auth import creds_identity
 from mnemos.config import NatsSettings
-from mnemos.connection import connect, unavailable_from
+from mnemos.connection import connect, refused_publish, unavailable_from
 from mnemos.endpoints import (
     ACTORS_LIST,
     APPS_DEPLOY,
@@ -52,7 +52,7 @@ from mnemos.endpoints import (
     WORKERS_LIST,
     Endpoint,
 )
-from mnemos.errors import JobTimeout, NotConnected, Unavailable, ValidationFailed, from_info
+from mnemos.errors import Forbidden, JobTimeout, NotConnected, Unavailable, ValidationFailed, from_info
 from mnemos.messages import (
     ActivateActor,
     ActorActivation,
@@ -264,6 +264,8 @@ class Client:
         except nats.errors.NoRespondersError as e:
             raise Unavailable(f"no control plane answers on {subject}") from e
         except nats.errors.TimeoutError as e:
+            if refused_publish(self.nc, subject):
+                raise Forbidden(f"nats-server refuses {subject} to these credentials") from e
             raise Unavailable(f"{endpoint.name} got no answer within {wait}s") from e
         if msg.headers and HDR_SERVICE_ERROR_CODE in msg.headers:
             raise from_info(decode(msg.data, ErrorReply).error)

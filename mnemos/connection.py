@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -15,7 +17,7 @@ from mnemos.auth import creds_identity
 from mnemos.config import NatsSettings
 from mnemos.errors import Unavailable
 
-__all__ = ["connect", "unavailable_from", "barrier", "patiently"]
+__all__ = ["connect", "unavailable_from", "barrier", "patiently", "refused_publish"]
 
 log = logging.getLogger("mnemos.nats")
 
@@ -40,6 +42,28 @@ def unavailable_from(e: BaseException) -> Unavailable | None:
 
 
 T = TypeVar("T")
+
+#: Subjects nats-server refused to let each connection (made by :func:`connect`) publish
+#: on, lower-cased as nats-py reports them; the latest few.
+_REFUSED: weakref.WeakKeyDictionary[NATS, dict[str, None]] = weakref.WeakKeyDictionary()
+_REFUSED_KEPT = 64
+_REFUSAL = re.compile(r'permissions violation for publish to "([^"]+)"')
+
+
+def refused_publish(nc: NATS, subject: str) -> bool:
+    """Whether nats-server refused ``nc`` (its credentials) publishing on ``subject``: what a
+    request that got no answer hit (the server drops the message and tells the sender
+    only through an asynchronous error)."""
+    return subject.lower() in _REFUSED.get(nc, {})
+
+
+def _note_refusal(nc: NATS, error: Exception) -> None:
+    match = _REFUSAL.search(str(error).lower())
+    if match is not None:
+        seen = _REFUSED.setdefault(nc, {})
+        seen[match.group(1)] = None
+        while len(seen) > _REFUSED_KEPT:
+            del seen[next(iter(seen))]
 
 #: How long a process keeps trying a call NATS cannot serve (a node lost, a leader being
 #: elected) before it gives up.
@@ -90,6 +114,8 @@ async def connect(settings: NatsSettings, name: str, **options: Any) -> NATS:
         log.log(logging.WARNING if holder else logging.DEBUG, "nats error on %s: %r", name, e)
         if not holder:
             before_connected[:] = [e]
+        else:
+            _note_refusal(holder[0], e)
 
     async def disconnected_cb() -> None:
         closing = bool(holder) and (holder[0].is_closed or holder[0].is_draining)

@@ -528,3 +528,17 @@ async def test_infra_configs_run_in_operator_mode(documented_infra: Any, tmp_pat
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=30)
+
+
+async def test_a_request_the_server_refuses_is_forbidden(secured: Any) -> None:
+    """nats-server drops a publish its credentials do not allow and says so only
+    asynchronously: the client's request reports that (``forbidden``), not ``unavailable``."""
+    from mnemos.errors import Forbidden
+    from mnemos.messages import TenantQuota
+
+    acme = await Client.connect(settings_for(secured, "service.acme"), request_timeout=1)
+    try:
+        with pytest.raises(Forbidden, match="nats-server refuses"):
+            await acme.set_tenant_quota(TenantQuota(tenant="acme", max_queued=10**6))
+    finally:
+        await acme.close()
